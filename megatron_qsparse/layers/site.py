@@ -1,0 +1,59 @@
+"""What a Q-Sparse site does to the input (and, with BitNet, the weight) of one linear projection."""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from megatron_qsparse.parallel.sharded_quant import sharded_absmax, sharded_absmean
+from megatron_qsparse.parallel.sharded_topk import sharded_sparsity_mask
+from megatron_qsparse.sparsity.bitnet import quantize_activation_int8, quantize_weight_ternary
+from megatron_qsparse.sparsity.stats import realized_sparsity
+from megatron_qsparse.sparsity.topk import apply_mask
+
+SITES = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One projection's input treatment: top-K (or block N:M) with STE, then optional BitNet b1.58."""
+
+    name: str
+    sparsity: float = 0.0
+    block_size: Optional[int] = None
+    ste: bool = True
+    bitnet: bool = False
+
+    def __post_init__(self):
+        if self.name not in SITES:
+            raise ValueError(f"unknown site {self.name!r}; sites are {SITES}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"site {self.name}: sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"site {self.name}: block_size must be a positive integer, got {self.block_size}")
+
+
+class SiteTransform:
+    """Applies a ``SiteConfig`` inside a linear layer, given the groups its tensors are split over.
+
+    ``row_group``: the group across which the input's last dim is split (RowParallelLinear), else None.
+    ``weight_group``: the group across which the weight is split (for BitNet's absmean).
+    Records the realized input sparsity of the last call when ``record`` is set (telemetry).
+    """
+
+    def __init__(self, site: SiteConfig, row_group, weight_group):
+        self.site, self.row_group, self.weight_group = site, row_group, weight_group
+        self.record = False
+        self.last_sparsity: Optional[float] = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        site = self.site
+        if site.sparsity > 0:
+            mask = sharded_sparsity_mask(x, site.sparsity, site.block_size, self.row_group)
+            x = apply_mask(x, mask, site.ste)
+        if self.record:
+            self.last_sparsity = realized_sparsity(x)
+        if site.bitnet:
+            x = quantize_activation_int8(x, sharded_absmax(x, self.row_group))
+            weight = quantize_weight_ternary(weight, sharded_absmean(weight, self.weight_group))
+        return x, weight

@@ -1,0 +1,98 @@
+"""Top-K activation sparsity (Q-Sparse), the one implementation used everywhere in the project.
+
+Per token (each row over the last dim) exactly ``k = floor((1 - sparsity) * D)`` entries survive. Ranking is
+done on ``|x|`` in fp32 whatever the input dtype, and ties at the k-th magnitude are broken by position: the
+lower index wins. The same selection rule, written against a threshold, is what the tensor-parallel version in
+``megatron_qsparse.parallel.sharded_topk`` evaluates over shards, so both produce identical masks.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    return sparsity
+
+
+def kept_count(sparsity: float, size: int) -> int:
+    """Entries kept out of ``size`` at ``sparsity``: floor((1 - s) * size), robust to float error."""
+    check_sparsity(sparsity)
+    # round() first so that e.g. (1 - 0.7) * 10 = 2.9999999999999996 counts as 3.
+    return int(math.floor(round((1.0 - sparsity) * size, 9)))
+
+
+def select_by_threshold(
+    mag: torch.Tensor,
+    kth: torch.Tensor,
+    ties_needed: torch.Tensor,
+    ties_before: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Boolean mask of ``mag > kth`` plus the first ``ties_needed`` entries equal to ``kth``.
+
+    ``ties_before`` counts the tied entries that sit at lower global positions (on lower tensor-parallel
+    ranks); it is zero for an unsharded row. All shapes broadcast over the leading dims; the last dim is the row.
+    """
+    equal = mag == kth
+    tie_position = equal.cumsum(-1)
+    if ties_before is not None:
+        tie_position = tie_position + ties_before
+    return (mag > kth) | (equal & (tie_position <= ties_needed))
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask keeping exactly the ``k`` largest ``|x|`` of each row (last dim), lower index first on ties."""
+    size = x.shape[-1]
+    if k >= size:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    mag = x.detach().abs().float()
+    kth = torch.topk(mag, k, dim=-1, sorted=True).values[..., -1:]
+    ties_needed = k - (mag > kth).sum(-1, keepdim=True)
+    return select_by_threshold(mag, kth, ties_needed)
+
+
+def block_topk_mask(x: torch.Tensor, sparsity: float, block_size: int) -> torch.Tensor:
+    """N:M mask: in each block of ``block_size`` consecutive entries keep ``floor((1-s)*M)``."""
+    size = x.shape[-1]
+    if size % block_size:
+        raise ValueError(
+            f"block sparsity needs the hidden size ({size}) to be a multiple of block_size ({block_size})"
+        )
+    blocks = x.reshape(*x.shape[:-1], size // block_size, block_size)
+    return topk_mask(blocks, kept_count(sparsity, block_size)).reshape(x.shape)
+
+
+class _MaskWithSTE(torch.autograd.Function):
+    """Forward ``x * mask``; backward passes the gradient unmasked (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, ste: bool = True) -> torch.Tensor:
+    """``x ⊙ mask`` in x's dtype; with ``ste`` the gradient reaches x as if no mask had been applied."""
+    mask = mask.to(x.dtype)
+    return _MaskWithSTE.apply(x, mask) if ste else x * mask
+
+
+def topk_sparsify(
+    x: torch.Tensor, sparsity: float, block_size: Optional[int] = None, ste: bool = True
+) -> torch.Tensor:
+    """Q-Sparse top-K over the last dim (or within blocks of ``block_size``). ``sparsity=0`` returns x."""
+    if check_sparsity(sparsity) == 0:
+        return x
+    if block_size:
+        mask = block_topk_mask(x, sparsity, block_size)
+    else:
+        mask = topk_mask(x, kept_count(sparsity, x.shape[-1]))
+    return apply_mask(x, mask, ste)

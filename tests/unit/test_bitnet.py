@@ -1,0 +1,55 @@
+import torch
+
+from megatron_qsparse.sparsity import (
+    quantize_activation_int8,
+    quantize_weight_ternary,
+    squared_relu,
+    ternary_codes,
+    topk_sparsify,
+)
+
+
+def test_ternary_weights_take_three_values_scaled_by_absmean():
+    w = torch.randn(32, 48)
+    alpha = w.abs().mean()
+    q = quantize_weight_ternary(w)
+    levels = torch.unique(torch.round(q / alpha, decimals=4))
+    assert set(levels.tolist()) <= {-1.0, 0.0, 1.0} and len(levels) == 3
+    expected = torch.clamp(torch.round(w / alpha), -1, 1) * alpha
+    assert torch.allclose(q, expected, atol=1e-6)
+    assert set(ternary_codes(w).unique().tolist()) == {-1, 0, 1}
+
+
+def test_int8_activations_per_token_range_and_error():
+    x = torch.randn(10, 64) * torch.linspace(0.1, 10, 10)[:, None]
+    q = quantize_activation_int8(x)
+    gamma = x.abs().amax(-1, keepdim=True)
+    codes = q * 127 / gamma
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.round().min() >= -128 and codes.round().max() <= 127
+    # The largest magnitude of each row is represented exactly (code ±127).
+    assert torch.allclose(q.abs().amax(-1), gamma.squeeze(-1))
+    assert ((q - x).abs() <= gamma / 127 / 2 + 1e-6).all()
+
+
+def test_quantizers_pass_gradients_straight_through():
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    g = torch.randn(8, 8)
+    quantize_weight_ternary(w).backward(g)
+    assert torch.equal(w.grad, g)
+    gx = torch.randn(4, 8)
+    quantize_activation_int8(x).backward(gx)
+    assert torch.equal(x.grad, gx)
+
+
+def test_topk_keeps_the_absmax_so_quantization_order_is_free_up_to_ties():
+    x = torch.randn(16, 64)
+    sparse = topk_sparsify(x, 0.5)
+    # The row maximum always survives top-K, so gamma and every kept entry's code are unchanged.
+    assert torch.equal(quantize_activation_int8(sparse), quantize_activation_int8(x) * (sparse != 0))
+
+
+def test_squared_relu():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    assert squared_relu(x).tolist() == [0.0, 0.0, 0.0, 0.25, 9.0]

@@ -76,7 +76,8 @@ def _patch(owner, name: str, value, label: str) -> None:
 def _cuda_runtime_patches() -> None:
     # Each patch is its own function object: torch dynamo rejects one object registered under two names.
     def current_device():
-        return 0
+        # A device, not an ordinal: also used in backward passes, which run outside the function mode.
+        return torch.device("cpu")
 
     def set_device(device):
         pass
@@ -102,7 +103,7 @@ def _cuda_runtime_patches() -> None:
     def stream(s):
         return contextlib.nullcontext()
 
-    _patch(torch.cuda, "current_device", current_device, "torch.cuda.current_device -> 0 (mapped to cpu)")
+    _patch(torch.cuda, "current_device", current_device, "torch.cuda.current_device -> cpu device")
     _patch(torch.cuda, "set_device", set_device, "torch.cuda.set_device -> no-op")
     _patch(torch.cuda, "synchronize", synchronize, "torch.cuda.synchronize -> no-op")
     _patch(torch.cuda, "empty_cache", empty_cache, "torch.cuda.empty_cache -> no-op")

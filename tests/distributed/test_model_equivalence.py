@@ -1,0 +1,75 @@
+"""Every variant under TP, TP+SP, PP (4 microbatches), TP×PP and EP equals the single-process run (fp32).
+
+Two launches (2 and 4 processes, gloo on 127.0.0.1) run all cases; each test asserts one case's numbers.
+Tolerances are relative to the largest magnitude of the reference tensor:
+- 2e-5 for loss, logits and every gradient (measured: ≤ 1.3e-6; pipeline parallelism is bit-exact);
+- BitNet: 1e-5 on the loss, 5e-3 on logits and gradients. TP changes the order of fp32 partial sums by ~1e-7,
+  which moves a handful of activations across an int8 rounding boundary (one level = max|x|/127); measured
+  ≤ 1.4e-3. A wrong scale reduction (shard-local absmean/absmax) errs by > 5e-2 and fails.
+"""
+
+import pytest
+
+from distributed.equivalence import VARIANTS
+from distributed.launch import run_workers
+from megatron_qsparse.parallel.state import ParallelLayout as L
+
+pytestmark = pytest.mark.slow
+
+TP2, TP2SP, PP2, EP2 = L(tp=2), L(tp=2, sp=True), L(pp=2), L(ep=2)
+TP2PP2, TP2PP2SP, TP2SPEP2 = L(tp=2, pp=2), L(tp=2, pp=2, sp=True), L(tp=2, ep=2, sp=True)
+DENSE_FFN = [v for v in VARIANTS if v != "moe"]
+# megatron-core refuses MoE with TP and no sequence parallelism, so MoE runs its TP layouts with SP.
+CASES = {
+    2: [(v, l) for v in DENSE_FFN for l in (TP2, TP2SP, PP2)] + [("moe", l) for l in (TP2SP, PP2, EP2)],
+    4: [(v, TP2PP2) for v in DENSE_FFN] + [("moe", TP2PP2SP), ("moe", TP2SPEP2)],
+}
+NEGATIVE = {2: [("per-shard-topk", "qsparse", TP2), ("local-bitnet-scales", "bitnet", TP2)],
+            4: [("per-shard-topk", "moe", TP2PP2SP)]}
+
+
+def tolerances(variant):
+    return (1e-5, 5e-3, 5e-3) if variant == "bitnet" else (2e-5, 2e-5, 2e-5)
+
+
+_results = {}
+
+
+def results(world_size):
+    if world_size not in _results:
+        from distributed.equivalence import compare_layouts
+
+        _results[world_size] = run_workers(world_size, compare_layouts, CASES[world_size], NEGATIVE[world_size])
+    return _results[world_size]
+
+
+def case_id(case):
+    return f"{case[0]}-{case[1]}"
+
+
+@pytest.mark.parametrize("world_size,case", [(w, c) for w in CASES for c in CASES[w]],
+                         ids=[f"{case_id(c)}" for w in CASES for c in CASES[w]])
+def test_layout_equals_single_process(world_size, case):
+    variant, _ = case
+    per_rank = [r[case_id(case)] for r in results(world_size)]
+    loss_tol, logits_tol, grad_tol = tolerances(variant)
+    last_stage = [r for r in per_rank if "loss" in r]
+    assert last_stage, "no rank reported a loss"
+    for r in last_stage:
+        assert r["loss_rel"] <= loss_tol, (r["loss"], r["ref_loss"])
+        assert r["logits_rel"] <= logits_tol
+    worst = max(per_rank, key=lambda r: r["grad_rel"])
+    assert worst["grad_rel"] <= grad_tol, f"gradient of {worst['worst_grad']} off by {worst['grad_rel']:.2e}"
+    # Every tensor of the model was compared on some rank.
+    compared = set().union(*(r["grad_keys"] for r in per_rank))
+    assert compared == set(per_rank[0]["ref_keys"])
+
+
+@pytest.mark.parametrize("world_size,case", [(w, c) for w in NEGATIVE for c in NEGATIVE[w]],
+                         ids=[f"{c[0]}:{c[1]}-{c[2]}" for w in NEGATIVE for c in NEGATIVE[w]])
+def test_shard_local_approximation_is_caught(world_size, case):
+    name, variant, layout = case
+    per_rank = [r[f"{name}:{variant}-{layout}"] for r in results(world_size)]
+    _, logits_tol, grad_tol = tolerances(variant)
+    assert max(r["grad_rel"] for r in per_rank) > 10 * grad_tol
+    assert max(r.get("logits_rel", 0.0) for r in per_rank) > 10 * logits_tol

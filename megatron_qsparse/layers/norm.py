@@ -1,21 +1,31 @@
-"""RMSNorm for the transformer layers: plain torch, and sequence-parallel aware.
+"""RMSNorm / LayerNorm for the transformer layers: plain torch, and sequence-parallel aware.
 
-megatron-core's local norm wrapper refuses sequence parallelism; this one marks its weight
-``sequence_parallel`` so that its gradient (partial per sequence shard) is all-reduced over the TP group.
+megatron-core's local norm wrapper refuses sequence parallelism; this one marks its parameters
+``sequence_parallel`` so that their gradients (partial per sequence shard) are all-reduced over the TP group.
+The kind follows ``TransformerConfig.normalization`` ("RMSNorm" or "LayerNorm").
 """
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 
-class RMSNorm(MegatronModule):
+class Norm(MegatronModule):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__(config)
+        if config.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"normalization must be RMSNorm or LayerNorm, got {config.normalization!r}")
+        self.rms = config.normalization == "RMSNorm"
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        if self.rms:
+            out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        else:
+            out = F.layer_norm(xf, xf.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)

@@ -1,14 +1,13 @@
 """What a Q-Sparse site does to the input (and, with BitNet, the weight) of one linear projection."""
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_qsparse.parallel.sharded_quant import sharded_absmax, sharded_absmean
 from megatron_qsparse.parallel.sharded_topk import sharded_sparsity_mask
 from megatron_qsparse.sparsity.bitnet import quantize_activation_int8, quantize_weight_ternary
-from megatron_qsparse.sparsity.stats import realized_sparsity
 from megatron_qsparse.sparsity.topk import apply_mask
 
 SITES = ("qkv", "proj", "fc1", "fc2")
@@ -38,13 +37,14 @@ class SiteTransform:
 
     ``row_group``: the group across which the input's last dim is split (RowParallelLinear), else None.
     ``weight_group``: the group across which the weight is split (for BitNet's absmean).
-    Records the realized input sparsity of the last call when ``record`` is set (telemetry).
+    With ``record`` set it keeps the realized input sparsity of its last call (fraction of zeros in this
+    rank's part of the input, natural zeros included) as a tensor, so telemetry costs no sync until read.
     """
 
     def __init__(self, site: SiteConfig, row_group, weight_group):
         self.site, self.row_group, self.weight_group = site, row_group, weight_group
         self.record = False
-        self.last_sparsity: Optional[float] = None
+        self.last_sparsity: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         site = self.site
@@ -52,8 +52,30 @@ class SiteTransform:
             mask = sharded_sparsity_mask(x, site.sparsity, site.block_size, self.row_group)
             x = apply_mask(x, mask, site.ste)
         if self.record:
-            self.last_sparsity = realized_sparsity(x)
+            self.last_sparsity = (x.detach() == 0).float().mean()
         if site.bitnet:
             x = quantize_activation_int8(x, sharded_absmax(x, self.row_group))
             weight = quantize_weight_ternary(weight, sharded_absmean(weight, self.weight_group))
         return x, weight
+
+
+def site_transforms(model: torch.nn.Module):
+    """(module name, SiteTransform) of every Q-Sparse linear in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "site", None), SiteTransform):
+            yield name, module.site
+
+
+def record_sparsity(model: torch.nn.Module, enabled: bool = True) -> None:
+    for _, transform in site_transforms(model):
+        transform.record = enabled
+        transform.last_sparsity = None
+
+
+def realized_sparsity_by_site(model: torch.nn.Module) -> Dict[str, float]:
+    """Mean realized input sparsity per site over this rank's layers (and experts) of the last forward."""
+    values: Dict[str, List[torch.Tensor]] = {}
+    for _, transform in site_transforms(model):
+        if transform.last_sparsity is not None:
+            values.setdefault(transform.site.name, []).append(transform.last_sparsity)
+    return {site: float(torch.stack(v).mean()) for site, v in values.items()}

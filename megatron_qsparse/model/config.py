@@ -15,6 +15,9 @@ from megatron_qsparse.layers.site import SITES, SiteConfig
 from megatron_qsparse.sparsity.activations import activation_by_name
 
 
+NORMALIZATIONS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}  # ours -> megatron-core's names
+
+
 @dataclass
 class SparsityConfig:
     """One global ratio by default; ``qkv``, ``proj``, ``fc1``, ``fc2`` override it per site."""
@@ -47,6 +50,7 @@ class QSparseConfig:
     vocab_divisible_by: int = 128  # the embedding is padded to a multiple of this (independent of TP)
     seq_length: int = 2048
     activation: str = "relu2"  # "relu2" (from scratch) or "silu" (imported SwiGLU models)
+    normalization: str = "rmsnorm"  # "rmsnorm" or "layernorm"
     norm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
     tie_embeddings: bool = False
@@ -121,6 +125,8 @@ class QSparseConfig:
              f"num_attention_heads={self.num_attention_heads} is not divisible by "
              f"num_query_groups={self.query_groups}")
         activation_by_name(self.activation)
+        need(self.normalization in NORMALIZATIONS,
+             f"normalization={self.normalization!r} must be one of {sorted(NORMALIZATIONS)}")
         for site in SITES:
             r = self.sparsity.ratio(site)
             need(0.0 <= r < 1.0, f"sparsity.{site}={r} must lie in [0, 1)")
@@ -186,7 +192,7 @@ class QSparseConfig:
             kv_channels=self.kv_channels,
             gated_linear_unit=True,
             activation_func=activation_by_name(self.activation),
-            normalization="RMSNorm",
+            normalization=NORMALIZATIONS[self.normalization],
             layernorm_epsilon=self.norm_epsilon,
             add_bias_linear=False,
             add_qkv_bias=self.add_qkv_bias,

@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_qsparse.layers.linear import QSparseColumnParallelLinear, QSparseRowParallelLinear
-from megatron_qsparse.layers.norm import RMSNorm
+from megatron_qsparse.layers.norm import Norm
 from megatron_qsparse.model.config import QSparseConfig
 
 
@@ -48,10 +48,10 @@ def qsparse_layer_spec(cfg: QSparseConfig) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=Norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=Norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -59,6 +59,6 @@ def qsparse_layer_spec(cfg: QSparseConfig) -> ModuleSpec:
 
 
 def qsparse_block_spec(cfg: QSparseConfig, transformer_config) -> TransformerBlockSubmodules:
-    """The decoder block of this pipeline stage: identical Q-Sparse layers and a final RMSNorm."""
+    """The decoder block of this pipeline stage: identical Q-Sparse layers and a final Norm."""
     layers = get_num_layers_to_build(transformer_config)
-    return TransformerBlockSubmodules(layer_specs=[qsparse_layer_spec(cfg)] * layers, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[qsparse_layer_spec(cfg)] * layers, layer_norm=Norm)

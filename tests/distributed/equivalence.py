@@ -27,6 +27,7 @@ VARIANTS = {
     "block": ["sparsity.default=0.5", "sparsity.block_size=32"],
     "bitnet": ["bitnet=true", "sparsity.default=0.5"],
     "moe": ["num_experts=4", "moe_router_topk=2", "sparsity.default=0.5", "sparsity.fc2=0.8"],
+    "tied-layernorm": ["tie_embeddings=true", "normalization=layernorm", "sparsity.default=0.5"],
 }
 GLOBAL_BATCH, MICROBATCHES = 8, 4
 

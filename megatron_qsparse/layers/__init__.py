@@ -8,5 +8,6 @@ from megatron_qsparse.layers.site import (
     SiteTransform,
     realized_sparsity_by_site,
     record_sparsity,
+    scale_sparsity,
     site_transforms,
 )

@@ -1,5 +1,6 @@
 """What a Q-Sparse site does to the input (and, with BitNet, the weight) of one linear projection."""
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -43,6 +44,7 @@ class SiteTransform:
 
     def __init__(self, site: SiteConfig, row_group, weight_group):
         self.site, self.row_group, self.weight_group = site, row_group, weight_group
+        self.target_sparsity = site.sparsity  # what a sparsity ramp grows towards
         self.record = False
         self.last_sparsity: Optional[torch.Tensor] = None
 
@@ -64,6 +66,12 @@ def site_transforms(model: torch.nn.Module):
     for name, module in model.named_modules():
         if isinstance(getattr(module, "site", None), SiteTransform):
             yield name, module.site
+
+
+def scale_sparsity(model: torch.nn.Module, fraction: float) -> None:
+    """Set every site to ``fraction`` of its target ratio (the continue-training ramp; 1.0 = target)."""
+    for _, transform in site_transforms(model):
+        transform.site = dataclasses.replace(transform.site, sparsity=transform.target_sparsity * fraction)
 
 
 def record_sparsity(model: torch.nn.Module, enabled: bool = True) -> None:

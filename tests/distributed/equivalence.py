@@ -5,7 +5,6 @@ full tensor seeded by its global key. The reference (TP=PP=EP=1, whole batch) ru
 afterwards, and each rank compares its own slices of the loss, logits and gradients against it.
 """
 
-import zlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Tuple
@@ -15,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_qsparse.model import preset
 from megatron_qsparse.model.gpt import build_gpt_model
+from megatron_qsparse.model.init import global_slice, initialize_weights, sharded_tensors
 from megatron_qsparse.parallel.state import ParallelLayout, destroy_model_parallel, initialize_model_parallel
 from megatron_qsparse.sparsity.bitnet import absmax_scale, absmean_scale
 
@@ -36,42 +36,15 @@ def model_config(variant: str):
     return preset("tiny", TINY + VARIANTS[variant])
 
 
-def sharded_tensors(model) -> list:
-    """Every ShardedTensor of the model (factories expanded); ``.data`` are views of the parameters."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    found = []
-
-    def visit(item):
-        if isinstance(item, ShardedTensorFactory):
-            for built in nested_values(item.build()):
-                visit(built)
-        elif isinstance(item, ShardedTensor):
-            found.append(item)
-
-    for value in nested_values(model.sharded_state_dict()):
-        visit(value)
-    return found
-
-
-def global_slice(st) -> Tuple[slice, ...]:
-    shape = (1,) * st.prepend_axis_num + tuple(st.data.shape)
-    return tuple(slice(o, o + n) for o, n in zip(st.global_offset, shape))
-
-
-def seeded_full_tensor(key: str, shape) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+def seeded_full_tensor(key: str, shape, generator) -> torch.Tensor:
+    # Norm weights away from 1 so that their gradients and sharding are exercised too.
     if "layernorm" in key:
-        return 1.0 + 0.1 * torch.randn(shape, generator=g)
-    return 0.1 * torch.randn(shape, generator=g)
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    return 0.1 * torch.randn(shape, generator=generator)
 
 
 def load_global_weights(model) -> None:
-    with torch.no_grad():
-        for st in sharded_tensors(model):
-            full = seeded_full_tensor(st.key, st.global_shape)
-            st.data.copy_(full[global_slice(st)].reshape(st.data.shape))
+    initialize_weights(model, seed=0, init=seeded_full_tensor)
 
 
 def make_batch(cfg) -> Dict[str, torch.Tensor]:

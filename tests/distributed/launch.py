@@ -5,7 +5,6 @@ A failing rank fails the launch with its traceback; a hang is killed at the dead
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -13,11 +12,7 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_qsparse.parallel.ports import free_port
 
 
 def _worker(rank, world_size, port, outdir, fn, args):

@@ -1,0 +1,164 @@
+"""Checkpoints: the model as a megatron-core distributed checkpoint (loadable under any TP/PP layout), each rank's
+DeepSpeed ZeRO optimizer partition, each rank's RNG states, and the trainer state (step, config, layout).
+
+Layout on disk::
+
+    <root>/latest                        name of the newest complete checkpoint (replaced atomically)
+    <root>/step_0000100/model/           megatron-core dist_checkpointing (torch_dist)
+    <root>/step_0000100/optimizer/rank_00003.pt
+    <root>/step_0000100/rng/rank_00003.pt
+    <root>/step_0000100/trainer_state.json   written last, before the rename: marks the directory complete
+
+Everything is written under ``<root>/.tmp-step_0000100`` and renamed when all ranks are done, so a killed save
+never leaves a directory that ``find_latest`` would pick. Our own files load with ``weights_only=True``.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _rank_file(directory: Path, kind: str) -> Path:
+    return directory / kind / f"rank_{dist.get_rank():05d}.pt"
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain DeepSpeed classes inside a ZeRO optimizer state dict, allowed for weights_only loading."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, keep: int = 2) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a torn save of the same step
+        for sub in ("model", "optimizer", "rng"):
+            (tmp / sub).mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    torch.save(engine.optimizer.state_dict(), _rank_file(tmp, "optimizer"))
+    torch.save(rng_state(), _rank_file(tmp, "rng"))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def _complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / "model").is_dir()
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    complete = sorted(p for p in root.glob("step_*") if _complete(p))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(root: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names if it is complete, else the newest complete ``step_*`` directory."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _complete(named):
+            return named
+    complete = sorted(p for p in root.glob("step_*") if _complete(p))
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a root holding ``latest``."""
+    path = Path(path)
+    if _complete(path):
+        return path
+    found = find_latest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {STATE_FILE} and model/ inside, "
+                                f"or a '{LATEST}' pointer)")
+    return found
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def load_model(model, path: Path) -> None:
+    """Load weights into this rank's model stage, whatever TP/PP layout wrote them."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "model"))
+    model.load_state_dict(state)
+
+
+def load_optimizer_and_rng(engine, path: Path) -> None:
+    """This rank's ZeRO partition and RNG states; only valid for the layout and world size that saved them."""
+    from megatron.core import parallel_state as ps
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        optimizer_state = torch.load(_rank_file(Path(path), "optimizer"), weights_only=True)
+    states = [None] * ps.get_data_parallel_world_size()
+    states[ps.get_data_parallel_rank()] = optimizer_state
+    engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+    set_rng_state(torch.load(_rank_file(Path(path), "rng"), weights_only=True))

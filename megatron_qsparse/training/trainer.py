@@ -1,0 +1,300 @@
+"""The training loop: pretraining, continue-training (with a sparsity ramp) and SFT, at any TP/SP/PP/DP/EP layout.
+
+Each step: set LR / weight decay (and the sparsity ramp), run the global batch through megatron-core's schedule
+with the DeepSpeed engine as the forward, agree on the loss across ranks, then either ``engine.step()`` (ZeRO
+reduces, clips, updates) or skip a non-finite step. Checkpoints are written at the interval, at the end, and when
+SIGTERM/SIGUSR1 arrives (then the process exits with ``EXIT_PREEMPTED``).
+"""
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_qsparse.layers.site import record_sparsity, scale_sparsity
+from megatron_qsparse.model.gpt import build_gpt_model
+from megatron_qsparse.model.init import default_init, initialize_weights
+from megatron_qsparse.model.summary import summarize
+from megatron_qsparse.parallel.grads import install_sequence_parallel_grad_hooks
+from megatron_qsparse.parallel.state import ParallelLayout, initialize_model_parallel
+from megatron_qsparse.training import checkpoint as ckpt
+from megatron_qsparse.training.config import TrainConfig
+from megatron_qsparse.training.optimizer import build_engine, init_deepspeed_comm
+from megatron_qsparse.training.schedules import lr_and_weight_decay, sparsity_scale
+from megatron_qsparse.training.step import forward_backward, global_mean_loss
+from megatron_qsparse.training.telemetry import (
+    GradientCapture,
+    MetricsWriter,
+    console,
+    mfu,
+    site_means,
+    sparsity_by_layer,
+)
+
+EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
+EXIT_NONFINITE = 3  # too many consecutive NaN/Inf losses: the last good checkpoint is left as it was
+
+
+class TrainingStopped(SystemExit):
+    pass
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 only set a flag; ranks agree on it after each step and stop together."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.signal is not None else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class Data:
+    train: object
+    valid: Optional[object]
+    valid_bytes: int  # UTF-8 bytes of the evaluated target text (bits per byte)
+    valid_tokens: int
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.train.dtype]
+
+
+def _build_data(cfg: TrainConfig, tokenizer, world_size: int) -> Data:
+    from megatron_qsparse.data.gpt_data import SFTDataset, build_gpt_datasets, microbatches
+
+    g = cfg.batch.global_batch_size
+    seq = cfg.model.seq_length
+    eval_samples = cfg.log.eval_iters * g
+    if cfg.train.mode == "sft":
+        train = SFTDataset(Path(cfg.data.sft), tokenizer, seq, cfg.data.prompt_key, cfg.data.response_key)
+        valid = (SFTDataset(Path(cfg.data.sft_valid), tokenizer, seq, cfg.data.prompt_key, cfg.data.response_key)
+                 if cfg.data.sft_valid else None)
+    else:
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.run_dir / "data_cache"
+        train, valid = build_gpt_datasets(
+            cfg.blend(cfg.data.train, "data.train"), cfg.blend(cfg.data.valid, "data.valid"), tokenizer, seq,
+            cfg.train.seed, cfg.train.steps * g, eval_samples, cache)
+    valid_bytes = valid_tokens = 0
+    if valid is not None:
+        for batch in microbatches(valid, 0, eval_samples, g, 0, 1):
+            for labels, mask in zip(batch["labels"], batch["loss_mask"]):
+                kept = labels[mask > 0].tolist()
+                valid_tokens += len(kept)
+                valid_bytes += len(tokenizer.detokenize(kept).encode("utf-8"))
+    return Data(train, valid, valid_bytes, valid_tokens)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.world_size = dist.get_world_size()
+        cfg.validate(self.world_size)
+        p = cfg.parallel
+        self.layout = ParallelLayout(tp=p.tp, pp=p.pp, ep=p.ep, sp=p.sp)
+        initialize_model_parallel(self.layout, seed=cfg.train.seed)
+        init_deepspeed_comm()
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        self.dtype = _dtype(cfg)
+        tc = cfg.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp, params_dtype=self.dtype)
+        self.model = build_gpt_model(cfg.model, tc)
+        if torch.cuda.is_available():
+            self.model.cuda()
+        if p.sp:
+            install_sequence_parallel_grad_hooks(self.model)
+        initialize_weights(self.model, cfg.train.seed, default_init(cfg.train.init_std, cfg.model.num_layers))
+
+        self.resume_from = ckpt.find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
+        if self.resume_from is None and cfg.train.init_from:
+            source = ckpt.resolve_checkpoint(Path(cfg.train.init_from))
+            console(f"initializing weights from {source}")
+            ckpt.load_model(self.model, source)
+
+        self.num_microbatches = cfg.num_microbatches(self.world_size)
+        o = cfg.optimizer
+        self.engine = build_engine(
+            self.model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+            clip_grad=o.clip_grad, zero_stage=cfg.zero_stage, micro_batch_size=cfg.batch.micro_batch_size,
+            num_microbatches=self.num_microbatches, bf16=self.dtype == torch.bfloat16)
+        self.start_step = 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+
+        from megatron_qsparse.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"data.tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                             f"{cfg.model.vocab_size}: raise model.vocab_size")
+        self.data = _build_data(cfg, self.tokenizer, self.world_size)
+        self.writer = MetricsWriter(cfg.run_dir, cfg.log.tensorboard, self.start_step)
+        self.summary = summarize(cfg.model)
+        self.preemption = PreemptionFlag()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"layout": vars(self.layout), "world_size": self.world_size, "config": self.cfg.to_dict(),
+                "format": 1}
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.read_trainer_state(path)
+        if state["layout"] != vars(self.layout) or state["world_size"] != self.world_size:
+            raise ValueError(
+                f"{path} was written with layout {state['layout']} on {state['world_size']} processes; resuming "
+                f"needs the same (ZeRO optimizer partitions are per rank). To start a new run from its weights "
+                f"under this layout, set train.init_from={path} and checkpoint.resume=false")
+        ckpt.load_model(self.model, path)
+        ckpt.load_optimizer_and_rng(self.engine, path)
+        self.start_step = state["step"]
+        console(f"resumed from {path} at step {self.start_step}")
+
+    def save(self, step: int) -> Path:
+        t0 = time.time()
+        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, step, self.model, self.engine, self._trainer_state(),
+                                    self.cfg.checkpoint.keep)
+        console(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+        return path
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def _batches(self, dataset, step: int, global_batch: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
+        from megatron_qsparse.data.gpt_data import microbatches
+
+        ps = self.ps
+        return microbatches(dataset, step, global_batch or self.cfg.batch.global_batch_size,
+                            self.cfg.batch.micro_batch_size, ps.get_data_parallel_rank(),
+                            ps.get_data_parallel_world_size())
+
+    def _forward(self, tokens, positions):
+        return self.engine(tokens, positions, None)
+
+    def _set_hyperparameters(self, step: int) -> float:
+        lr, wd = lr_and_weight_decay(step, self.cfg.train.steps, self.cfg.optimizer, self.cfg.schedule)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group.get("decays", True) else 0.0
+        if self.cfg.train.sparsity_ramp_steps:
+            scale_sparsity(self.model, sparsity_scale(step, self.cfg.train.sparsity_ramp_steps))
+        return lr
+
+    def _skip_step(self) -> None:
+        """Discard this step's gradients without touching parameters or optimizer moments: run the engine's
+        step (which finalizes and clears the ZeRO gradient state) with the inner optimizer's update disabled."""
+        inner = self.engine.optimizer.optimizer
+        inner.step = lambda *args, **kwargs: None
+        try:
+            self.engine.step()
+        finally:
+            del inner.step
+
+    def evaluate(self) -> Optional[dict]:
+        if self.data.valid is None:
+            return None
+        self.model.eval()
+        losses = []
+        with torch.no_grad():
+            for i in range(self.cfg.log.eval_iters):
+                local = forward_backward(lambda t, p: self.model(t, p, None), self.model,
+                                         self._batches(self.data.valid, i), self.cfg.model.seq_length,
+                                         forward_only=True)
+                losses.append(global_mean_loss(local))
+        self.model.train()
+        loss = sum(losses) / len(losses)
+        bpb = loss * self.data.valid_tokens / max(self.data.valid_bytes, 1) / math.log(2)
+        return {"loss": loss, "bits_per_byte": bpb}
+
+    def train(self) -> dict:
+        cfg, steps = self.cfg, self.cfg.train.steps
+        tokens_per_step = cfg.batch.global_batch_size * cfg.model.seq_length
+        console(f"training {cfg.model_preset} ({self.summary['total_parameters'] / 1e6:.1f}M parameters, "
+                f"N={self.summary['block_linear_parameters_N'] / 1e6:.1f}M, "
+                f"N_a={self.summary['activated_parameters_N_a'] / 1e6:.1f}M) layout {self.layout} on "
+                f"{self.world_size} processes, {self.num_microbatches} microbatches, ZeRO-{cfg.zero_stage}, "
+                f"{self.dtype}, steps {self.start_step}..{steps}")
+        nonfinite, first_loss, last_loss, last_eval = 0, None, None, None
+        step = self.start_step
+        while step < steps:
+            lr = self._set_hyperparameters(step)
+            logging = (step + 1) % cfg.log.interval == 0 or step + 1 == steps or step == self.start_step
+            evaluating = cfg.log.eval_interval and (step + 1) % cfg.log.eval_interval == 0
+            record_sparsity(self.model, True)
+            capture = GradientCapture(self.model) if evaluating else None
+            t0 = time.time()
+            local = forward_backward(self._forward, self.model, self._batches(self.data.train, step),
+                                     cfg.model.seq_length)
+            loss = global_mean_loss(local)
+            layer_grads = capture.layer_norms(cfg.model.num_layers) if capture else None
+            if not math.isfinite(loss):
+                self._skip_step()
+                nonfinite += 1
+                console(f"step {step + 1}: non-finite loss {loss}, step skipped ({nonfinite} in a row)")
+                self.writer.write({"step": step + 1, "loss": loss, "skipped": True})
+                if nonfinite >= cfg.train.max_nonfinite_steps:
+                    console(f"aborting: {nonfinite} consecutive non-finite losses; the last checkpoint is intact")
+                    raise TrainingStopped(EXIT_NONFINITE)
+                step += 1
+                continue
+            nonfinite = 0
+            self.engine.step()
+            elapsed = time.time() - t0
+            step += 1
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            per_layer = sparsity_by_layer(self.model, cfg.model.num_layers)
+            sparsity = site_means(per_layer)
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(self.engine.get_global_grad_norm()),
+                      "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed, "sparsity": sparsity,
+                      "activated_params": self._activated(sparsity)}
+            utilization = mfu(record["tokens_per_s"], 6 * record["activated_params"])
+            if utilization is not None:
+                record["mfu"] = utilization
+            if evaluating or step == steps:
+                last_eval = self.evaluate()
+                if last_eval:
+                    record["eval"] = last_eval
+                record["layers"] = {"sparsity": {s: per_layer[:, i].tolist() for i, s in enumerate(sparsity)}}
+                if layer_grads is not None:
+                    record["layers"]["grad_norm"] = layer_grads.tolist()
+            self.writer.write(record)
+            if logging or "eval" in record:
+                console(self._line(record, steps))
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < steps:
+                self.save(step)
+            if step < steps and self.preemption.agreed():
+                self.save(step)
+                console(f"stopping on signal {self.preemption.signal} at step {step}; exit {EXIT_PREEMPTED}")
+                raise TrainingStopped(EXIT_PREEMPTED)
+        final = self.save(steps) if self.start_step < steps else ckpt.find_latest(cfg.checkpoint_dir)
+        self.writer.close()
+        return {"first_loss": first_loss, "last_loss": last_loss, "eval": last_eval, "checkpoint": str(final),
+                "steps": steps}
+
+    def _activated(self, sparsity: Dict[str, float]) -> float:
+        """N_a with the measured per-site input sparsity."""
+        per_site = self.cfg.model.activated_block_linear_params()
+        return sum(n * (1.0 - sparsity.get(site, 0.0)) for site, n in per_site.items())
+
+    @staticmethod
+    def _line(r: dict, steps: int) -> str:
+        sp = " ".join(f"{k} {v:.2f}" for k, v in r["sparsity"].items())
+        line = (f"step {r['step']:>6}/{steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} "
+                f"| {r['tokens_per_s']:,.0f} tok/s | sparsity {sp}")
+        if "eval" in r:
+            line += f" | eval loss {r['eval']['loss']:.4f} bpb {r['eval']['bits_per_byte']:.3f}"
+        return line

@@ -1,0 +1,1 @@
+"""Data: tokenizer, preprocessing to .bin/.idx, the default corpus, and the datasets training reads."""

@@ -26,8 +26,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
 
-pretrain:
-	@echo "make pretrain arrives with the training-pipeline issue (#3); until then see README 'Status'." && exit 2
+# ARGS go to the trainer, e.g. make pretrain ARGS="--set train.steps=40"
+pretrain: $(STAMP)
+	cd $(CURDIR) && $(PY) pretrain_scripts/default_run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

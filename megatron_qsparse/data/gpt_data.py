@@ -30,8 +30,12 @@ def build_gpt_datasets(
             return None
         return [p for _, p in pairs], ([w for w, _ in pairs] if len(pairs) > 1 else None)
 
-    class DatasetTokenizer:  # what megatron-core's datasets read from a tokenizer, incl. a cache identity
-        vocab_size, eod, pad = tokenizer.vocab_size, tokenizer.eod, tokenizer.pad
+    class DatasetTokenizer:
+        """What megatron-core's datasets read from a tokenizer. GPT samples are full windows of the token
+        stream, so there is no padding: pad is megatron-core's "none" id (-1), not the end-of-document id
+        that our tokenizers reuse as pad (which would mask the loss on every end of document)."""
+
+        vocab_size, eod, pad = tokenizer.vocab_size, tokenizer.eod, -1
         unique_identifiers = {"class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
                               "eod": tokenizer.eod}
 

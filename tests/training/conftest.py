@@ -1,0 +1,80 @@
+"""A small real corpus (the committed public-domain slice), its tokenizer and .bin/.idx files, and a way to
+run the training command exactly as users do (``torchrun ... pretrain_scripts/pretrain_qsparse.py``)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SLICE = REPO / "tests" / "data" / "corpus_slice.jsonl"
+
+# The test model: 2 layers, hidden 64, Q-Sparse 50% (fc2 80%), GQA, untied (so PP layouts apply).
+MODEL = {"preset": "tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
+         "num_query_groups": 2, "vocab_size": 2048, "seq_length": 64, "tie_embeddings": False,
+         "sparsity": {"default": 0.5, "fc2": 0.8}}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    from megatron_qsparse.data.preprocess import preprocess
+    from megatron_qsparse.data.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [json.loads(line) for line in SLICE.read_text().splitlines() if line.strip()]
+    train, valid = root / "train.jsonl", root / "valid.jsonl"
+    train.write_text("".join(json.dumps(d) + "\n" for i, d in enumerate(docs) if i % 8 != 3))
+    valid.write_text("".join(json.dumps(d) + "\n" for i, d in enumerate(docs) if i % 8 == 3))
+    tokenizer = train_bpe_tokenizer([train], root / "tokenizer", vocab_size=2048)
+    for name, source in (("train", train), ("valid", valid)):
+        preprocess([source], root / name, tokenizer, input_format="jsonl", workers=1, log=lambda m: None,
+                   progress=False)
+    return {"root": root, "tokenizer": str(tokenizer), "train": str(root / "train"), "valid": str(root / "valid"),
+            "train_jsonl": train, "docs": docs}
+
+
+def write_config(path: Path, corpus: dict, run_dir: Path, **sections) -> Path:
+    config = {
+        "model": dict(MODEL),
+        "data": {"tokenizer": corpus["tokenizer"], "train": [corpus["train"]], "valid": [corpus["valid"]]},
+        "batch": {"micro_batch_size": 2, "global_batch_size": 8},
+        "optimizer": {"lr": 3.0e-3, "min_lr": 3.0e-4},
+        "schedule": {"warmup_steps": 2},
+        "train": {"steps": 20},
+        "checkpoint": {"interval": 0},
+        "log": {"run_dir": str(run_dir), "interval": 1, "eval_interval": 0, "eval_iters": 1, "tensorboard": False},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def command(config: Path, nproc: int = 1, overrides=()) -> list:
+    script = [str(REPO / "pretrain_scripts" / "pretrain_qsparse.py"), "--config", str(config)]
+    script += [a for o in overrides for a in ("--set", o)]
+    if nproc == 1:
+        return [sys.executable] + script
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + script
+
+
+def environment() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONPATH=str(REPO))
+
+
+def run_training(config: Path, nproc: int = 1, overrides=(), timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(config, nproc, overrides), cwd=REPO, env=environment(), capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def metrics(run_dir: Path) -> list:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def losses(run_dir: Path) -> list:
+    return [m["loss"] for m in metrics(run_dir)]

@@ -43,6 +43,15 @@ def select_by_threshold(
     return (mag > kth) | (equal & (tie_position <= ties_needed))
 
 
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest value of each row (last dim, kept), NaN ranking above everything as in ``topk``.
+
+    A selection (``kthvalue``) instead of a sorted ``topk``: the same value, about 2.5x cheaper on CPU
+    (the sort was the largest cost of a Q-Sparse training step).
+    """
+    return torch.kthvalue(mag, mag.shape[-1] - k + 1, dim=-1, keepdim=True).values
+
+
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mask keeping exactly the ``k`` largest ``|x|`` of each row (last dim), lower index first on ties."""
     size = x.shape[-1]
@@ -51,9 +60,16 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
     mag = x.detach().abs().float()
-    kth = torch.topk(mag, k, dim=-1, sorted=True).values[..., -1:]
-    ties_needed = k - (mag > kth).sum(-1, keepdim=True)
-    return select_by_threshold(mag, kth, ties_needed)
+    kth = kth_largest(mag, k)
+    mask = (mag >= kth).reshape(-1, size)
+    # A row where exactly k entries reach the k-th value has no tie to break: ``>= kth`` is its answer.
+    # Only the other rows (ties at the threshold, NaNs) pay for the position-ordered tie break.
+    tied = (mask.sum(-1) != k).nonzero().squeeze(1)
+    if tied.numel():
+        mag_tied, kth_tied = mag.reshape(-1, size)[tied], kth.reshape(-1, 1)[tied]
+        ties_needed = k - (mag_tied > kth_tied).sum(-1, keepdim=True)
+        mask[tied] = select_by_threshold(mag_tied, kth_tied, ties_needed)
+    return mask.reshape(x.shape)
 
 
 def block_topk_mask(x: torch.Tensor, sparsity: float, block_size: int) -> torch.Tensor:

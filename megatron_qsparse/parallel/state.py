@@ -1,5 +1,7 @@
 """A parallel layout and the one call that sets megatron-core's process groups up for it."""
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -48,3 +50,24 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def single_process_model_parallel(seed: int = 1234):
+    """TP=PP=EP=1 in this process (a one-rank gloo group on the loopback if none exists): for tools that
+    load, convert or evaluate a whole model."""
+    from megatron_qsparse.parallel.ports import free_port
+
+    cpu_compat.apply()
+    created = not dist.is_initialized()
+    if created:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    initialize_model_parallel(ParallelLayout(), seed)
+    try:
+        yield
+    finally:
+        destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""20 training steps: DP=2 with ZeRO-1 and ZeRO-2, and TP=2×PP=2 with ZeRO-1, equal the one-process run.
+"""20 training steps: DP=2 with ZeRO-1 and ZeRO-2, TP=2×PP=2 with ZeRO-1 and TP=2 with sequence parallelism
+equal the one-process run.
 
 Tolerances (fp32). Step 1 (same weights, same batch; only the order of sums differs): loss and gradient norm
 within 2e-6 relative (measured ≤ 1e-7). Over 20 Adam steps a top-K selection near a tie can flip between
@@ -21,6 +22,7 @@ LAYOUTS = {  # name: (processes, overrides)
     "dp2-zero1": (2, ["optimizer.zero_stage=1"]),
     "dp2-zero2": (2, ["optimizer.zero_stage=2"]),
     "tp2pp2-zero1": (4, ["parallel.tp=2", "parallel.pp=2", "optimizer.zero_stage=1"]),
+    "tp2-sp-zero2": (2, ["parallel.tp=2", "parallel.sp=true", "optimizer.zero_stage=2"]),
 }
 
 
@@ -36,7 +38,7 @@ def runs(corpus, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", ["dp2-zero1", "dp2-zero2", "tp2pp2-zero1"])
+@pytest.mark.parametrize("layout", ["dp2-zero1", "dp2-zero2", "tp2pp2-zero1", "tp2-sp-zero2"])
 def test_loss_trajectory_equals_single_process(runs, layout):
     reference, sharded = metrics(runs["single"]), metrics(runs[layout])
     assert len(reference) == len(sharded) == 20

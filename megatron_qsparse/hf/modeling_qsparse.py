@@ -1,0 +1,219 @@
+"""Hugging Face causal LM of a Q-Sparse model: the megatron-core model of this project, written for inference.
+
+Layout per layer (fused projections, as in the training model, so one top-K mask and one BitNet scale per site):
+``self_attn.qkv_proj`` ([q; k; v] rows), ``self_attn.o_proj``, ``mlp.gate_up_proj`` ([gate; up] rows),
+``mlp.down_proj``; MoE layers have ``mlp.router`` and ``mlp.experts.<e>.{gate_up_proj,down_proj}``.
+Top-K and the quantizers come from ``qsparse_ops`` (the project's one implementation, copied beside exported
+weights), so this file needs only torch and transformers.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_qsparse import QSparseHFConfig
+from .qsparse_ops import quantize_activation_int8, quantize_weight_ternary, topk_sparsify
+
+
+class SiteLinear(nn.Linear):
+    """A linear projection whose input is a Q-Sparse site (top-K, then BitNet int8 when enabled)."""
+
+    def __init__(self, in_features, out_features, bias, sparsity, config: QSparseHFConfig):
+        super().__init__(in_features, out_features, bias=bias)
+        self.sparsity, self.block_size, self.bitnet = sparsity, config.block_size, config.bitnet
+
+    def forward(self, x):
+        if self.sparsity > 0:
+            x = topk_sparsify(x, self.sparsity, self.block_size)
+        weight = self.weight
+        if self.bitnet:
+            x = quantize_activation_int8(x)
+            weight = quantize_weight_ternary(weight)
+        return F.linear(x, weight, self.bias)
+
+
+class Norm(nn.Module):
+    def __init__(self, config: QSparseHFConfig, size: int):
+        super().__init__()
+        self.eps, self.rms = config.rms_norm_eps, config.normalization == "rmsnorm"
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(size))
+
+    def forward(self, x):
+        xf = x.float()
+        if self.rms:
+            out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        else:
+            out = F.layer_norm(xf, xf.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def activation(name: str):
+    if name == "relu2":
+        return lambda x: torch.square(F.relu(x))
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown hidden_act {name!r}")
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: QSparseHFConfig, intermediate: int):
+        super().__init__()
+        s = config.sparsity
+        self.gate_up_proj = SiteLinear(config.hidden_size, 2 * intermediate, False, s["fc1"], config)
+        self.down_proj = SiteLinear(intermediate, config.hidden_size, False, s["fc2"], config)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class MoE(nn.Module):
+    """Top-k routing as megatron-core's default: top-k of the router logits, softmax over the chosen k, outputs
+    weighted by those probabilities. The router sees the dense input."""
+
+    def __init__(self, config: QSparseHFConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        logits = self.router(tokens)
+        top_logits, chosen = torch.topk(logits, self.top_k, dim=-1)
+        probs = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.nonzero(chosen == e, as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(tokens[rows]) * probs[rows, slot, None])
+        return out.reshape(shape)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QSparseHFConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                    config.head_dim)
+        s = config.sparsity
+        qkv_out = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv_proj = SiteLinear(config.hidden_size, qkv_out, config.attention_bias, s["qkv"], config)
+        self.o_proj = SiteLinear(self.heads * self.head_dim, config.hidden_size, False, s["proj"], config)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[Cache]):
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        repeat = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        context = torch.softmax(scores, dim=-1).to(v.dtype) @ v
+        return self.o_proj(context.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: QSparseHFConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = Norm(config, config.hidden_size)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = Norm(config, config.hidden_size)
+        self.mlp = MoE(config) if config.num_experts else GatedMLP(config, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QSparsePreTrainedModel(PreTrainedModel):
+    config_class = QSparseHFConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
+
+
+class QSparseModel(QSparsePreTrainedModel):
+    def __init__(self, config: QSparseHFConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Norm(config, config.hidden_size)
+        self.post_init()
+
+    def rope_angles(self, position_ids: torch.Tensor) -> torch.Tensor:
+        # Computed per call, not kept as a buffer: from_pretrained builds modules on the meta device, and a
+        # non-persistent buffer made in __init__ would come out uninitialized.
+        d = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, device=position_ids.device).float() / d))
+        angles = position_ids[..., None].float() * inv_freq
+        return torch.cat((angles, angles), dim=-1)[:, None]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        b, t = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, -1)
+        angles = self.rope_angles(position_ids)
+        x = self.embed_tokens(input_ids)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        keys = torch.arange(past + t, device=x.device)
+        mask = keys[None, :] <= (keys[past:, None])  # causal: query i sees keys up to past + i
+        mask = mask[None, None]
+        if attention_mask is not None:  # [b, past + t], 0 = padding
+            mask = mask & attention_mask[:, None, None, :].bool()
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, past_key_values)
+        return self.norm(x), past_key_values
+
+
+class QSparseForCausalLM(QSparsePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: QSparseHFConfig):
+        super().__init__(config)
+        self.model = QSparseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # full precision, dense
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, labels=None, logits_to_keep=0, **kwargs):
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache))
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep]).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)

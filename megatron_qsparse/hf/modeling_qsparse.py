@@ -27,10 +27,15 @@ class SiteLinear(nn.Linear):
     def __init__(self, in_features, out_features, bias, sparsity, config: QSparseHFConfig):
         super().__init__(in_features, out_features, bias=bias)
         self.sparsity, self.block_size, self.bitnet = sparsity, config.block_size, config.bitnet
+        self.record = False  # keep the realized input sparsity (zeros, tokens) of each call (evaluation)
+        self.zeros = self.entries = 0
 
     def forward(self, x):
         if self.sparsity > 0:
             x = topk_sparsify(x, self.sparsity, self.block_size)
+        if self.record:
+            self.zeros += int((x == 0).sum())
+            self.entries += x.numel()
         weight = self.weight
         if self.bitnet:
             x = quantize_activation_int8(x)

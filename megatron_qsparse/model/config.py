@@ -265,6 +265,10 @@ PRESETS = {
     "mistral-7b": lambda: QSparseConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
                                         num_attention_heads=32, num_query_groups=8, vocab_size=32000,
                                         seq_length=4096, activation="silu", norm_epsilon=1e-5),
+    "qwen1.5-7b": lambda: QSparseConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
+                                        num_attention_heads=32, vocab_size=151936, seq_length=4096,
+                                        activation="silu", norm_epsilon=1e-6, rotary_base=1000000.0,
+                                        add_qkv_bias=True),
 }
 
 

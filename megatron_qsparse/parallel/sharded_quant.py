@@ -11,9 +11,10 @@ from megatron_qsparse.sparsity.bitnet import absmax_scale, absmean_scale
 def sharded_absmean(w_local: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return absmean_scale(w_local)
-    total = torch.stack([w_local.detach().abs().float().sum(), torch.tensor(float(w_local.numel()), device=w_local.device)])
+    total = torch.stack([w_local.detach().abs().double().sum(),
+                         torch.tensor(float(w_local.numel()), dtype=torch.float64, device=w_local.device)])
     dist.all_reduce(total, group=group)
-    return total[0] / total[1]
+    return (total[0] / total[1]).float()
 
 
 def sharded_absmax(x_local: torch.Tensor, group) -> torch.Tensor:

@@ -69,6 +69,25 @@ class Data:
     valid_tokens: int
 
 
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups", "head_dim",
+                "padded_vocab_size", "num_experts", "moe_ffn_hidden_size", "add_qkv_bias", "tie_embeddings",
+                "normalization")
+
+
+def _check_same_shape(source: Path, cfg: TrainConfig) -> None:
+    """A clear error instead of a tensor-shape failure deep in the checkpoint loader."""
+    from megatron_qsparse.model.config import QSparseConfig
+
+    saved = dict(ckpt.read_trainer_state(source)["config"]["model"])
+    saved.pop("preset", None)
+    saved_cfg = QSparseConfig.from_dict(saved)
+    differs = {k: (getattr(saved_cfg, k), getattr(cfg.model, k)) for k in SHAPE_FIELDS
+               if getattr(saved_cfg, k) != getattr(cfg.model, k)}
+    if differs:
+        raise ValueError(f"train.init_from={source}: the checkpoint's model differs from the config's "
+                         f"(checkpoint, config): {differs}; set the model section to match it")
+
+
 def _dtype(cfg: TrainConfig) -> torch.dtype:
     if cfg.train.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -124,6 +143,7 @@ class Trainer:
         self.resume_from = ckpt.find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
         if self.resume_from is None and cfg.train.init_from:
             source = ckpt.resolve_checkpoint(Path(cfg.train.init_from))
+            _check_same_shape(source, cfg)
             console(f"initializing weights from {source}")
             ckpt.load_model(self.model, source)
 

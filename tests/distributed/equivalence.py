@@ -159,16 +159,22 @@ def compare_layout(rank, world_size, variant: str, layout: ParallelLayout) -> di
     sharded = run(cfg, layout)
     ref = run(cfg, ParallelLayout(), whole_batch=True)
     ref_grads = assemble(ref.grads)
-    grad_errors = {}
+    grad_errors, grad_norm_errors = {}, {}
     for key, index, data in sharded.grads:
         expected = ref_grads[key][index].reshape(data.shape)
         grad_errors[key] = max(grad_errors.get(key, 0.0), relative_error(data, expected))
+        norm_error = float((data - expected).norm() / expected.norm().clamp(min=1e-12))
+        grad_norm_errors[key] = max(grad_norm_errors.get(key, 0.0), norm_error)
     result = {"grad_rel": max(grad_errors.values()), "grad_keys": sorted(grad_errors),
-              "ref_keys": sorted(ref_grads), "worst_grad": max(grad_errors, key=grad_errors.get)}
+              "ref_keys": sorted(ref_grads), "worst_grad": max(grad_errors, key=grad_errors.get),
+              "grad_norm_rel": max(grad_norm_errors.values())}
     if sharded.logits.numel():
+        expected = ref.logits[sharded.logits_index]
         result["loss"], result["ref_loss"] = sharded.loss, ref.loss
         result["loss_rel"] = abs(sharded.loss - ref.loss) / abs(ref.loss)
-        result["logits_rel"] = relative_error(sharded.logits, ref.logits[sharded.logits_index])
+        result["logits_rel"] = relative_error(sharded.logits, expected)
+        per_token = (sharded.logits - expected).abs().amax(-1) / expected.abs().max()
+        result["tokens_matching"] = float((per_token <= 1e-4).float().mean())
     return result
 
 

@@ -1,6 +1,7 @@
 """Export at TP=2 and at PP=2 of every variant; load in a fresh process from another directory, offline, with
 only torch and transformers importable: logits equal the megatron model's (fp32, ≤ 2e-5 of the largest logit;
-BitNet ≤ 5e-3: TP's other summation order moves a few int8 rounding boundaries), generate() with the KV cache
+BitNet: ≥ 97% of the tokens within 1e-4, since TP's other summation order can move an int8 rounding boundary for
+a token; see tests/distributed/test_model_equivalence.py), generate() with the KV cache
 equals generate() without it, the export cannot load as a stock (dense) model, and running the same weights
 dense gives different logits."""
 
@@ -42,10 +43,13 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("case", [f"{v}-{l}" for v, l in CASES])
 def test_export_reproduces_megatron_logits_and_generates(exported, case):
     megatron, hf = exported[case]
-    tol = 5e-3 if case.startswith("bitnet") else 2e-5
     scale = megatron.abs().max()
     assert hf["logits"].shape == megatron.shape
-    assert (hf["logits"] - megatron).abs().max() <= tol * scale
+    per_token = (hf["logits"] - megatron).abs().amax(-1) / scale
+    if case.startswith("bitnet"):
+        assert float((per_token <= 1e-4).float().mean()) >= 0.97
+    else:
+        assert per_token.max() <= 2e-5
     assert torch.equal(hf["cached"], hf["uncached"]) and hf["cached"].shape[1] == 6 + 8
     assert hf["class"] == "QSparseForCausalLM" and hf["model_type"] == "qsparse"
     assert hf["refused_without_remote_code"]

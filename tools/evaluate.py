@@ -1,0 +1,146 @@
+"""Evaluate a Hugging Face export offline: held-out loss and bits per byte, a multiple-choice continuation task
+built deterministically from held-out text, and the realized sparsity per site with the activated parameters N_a
+measured on that text. One table, or ``--json``.
+
+    .venv/bin/python tools/evaluate.py --model exports/tiny-cpu [--data heldout.jsonl] [--json]
+
+Without ``--data`` it uses the held-out split of the default corpus (fetched and cached on first use).
+Multiple choice: for each passage, the context is its first words and the right answer its next words; the
+three distractors are the same-length continuations of other passages. A choice's score is the mean log-probability
+of its tokens given the context; chance is 25%.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def load(model_dir: Path):
+    import megatron_qsparse.hf  # noqa: F401  (registers the qsparse model type)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return model, tokenizer
+
+
+def documents(path: Path, limit: int):
+    texts = [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return texts[:limit]
+
+
+def heldout_loss(model, tokenizer, texts, seq_length: int):
+    nll, tokens, text_bytes = 0.0, 0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        text_bytes += len(text.encode("utf-8"))
+        for start in range(0, max(len(ids) - 1, 0), seq_length):
+            window = torch.tensor(ids[start:start + seq_length + 1])[None]
+            if window.shape[1] < 2:
+                continue
+            with torch.no_grad():
+                logits = model(window[:, :-1]).logits.float()
+            nll += float(torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum"))
+            tokens += window.shape[1] - 1
+    return nll / tokens, nll / math.log(2) / text_bytes, tokens
+
+
+def choice_items(texts, context_words: int = 24, answer_words: int = 8, count: int = 40, seed: int = 0):
+    passages = []
+    for text in texts:
+        words = text.split()
+        for start in range(0, len(words) - context_words - answer_words, context_words + answer_words):
+            passages.append((" ".join(words[start:start + context_words]),
+                             " " + " ".join(words[start + context_words:start + context_words + answer_words])))
+    rng = random.Random(seed)
+    rng.shuffle(passages)
+    passages = passages[:count]
+    items = []
+    for i, (context, answer) in enumerate(passages):
+        others = [passages[(i + j) % len(passages)][1] for j in (1, 2, 3)]
+        choices = [answer] + others
+        rng.shuffle(choices)
+        items.append((context, choices, choices.index(answer)))
+    return items
+
+
+def choice_accuracy(model, tokenizer, items) -> float:
+    correct = 0
+    for context, choices, answer in items:
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in choices:
+            cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor(ctx + cont)[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]
+            picked = logp[len(ctx) - 1:, :].gather(-1, ids[0, len(ctx):, None])
+            scores.append(float(picked.mean()))
+        correct += int(max(range(len(choices)), key=scores.__getitem__) == answer)
+    return correct / max(len(items), 1)
+
+
+def measured_sparsity(model):
+    """Realized input sparsity per site (recorded during the evaluation) and N_a from it."""
+    from megatron_qsparse.hf.modeling_qsparse import SiteLinear
+
+    site_of = {"qkv_proj": "qkv", "o_proj": "proj", "gate_up_proj": "fc1", "down_proj": "fc2"}
+    zeros, entries, weights, active = {}, {}, 0, 0.0
+    experts = model.config.num_experts or 0
+    for name, module in model.named_modules():
+        if isinstance(module, SiteLinear) and module.entries:
+            site = site_of[name.rsplit(".", 1)[-1]]
+            zeros[site] = zeros.get(site, 0) + module.zeros
+            entries[site] = entries.get(site, 0) + module.entries
+            share = model.config.num_experts_per_tok / experts if ".experts." in name else 1.0
+            weights += module.weight.numel()
+            active += (1 - module.zeros / module.entries) * module.weight.numel() * share
+    return {s: zeros[s] / entries[s] for s in zeros}, weights, active
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--data", type=Path, help="held-out JSON lines with a 'text' field")
+    parser.add_argument("--max-docs", type=int, default=16)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--choices", type=int, default=40, help="number of multiple-choice items")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.data is None:
+        from megatron_qsparse.data.corpus import fetch_default_corpus
+
+        args.data = fetch_default_corpus(log=lambda m: None).heldout
+    model, tokenizer = load(args.model)
+    for module in model.modules():
+        if hasattr(module, "record"):
+            module.record = True
+    texts = documents(args.data, args.max_docs)
+    loss, bpb, tokens = heldout_loss(model, tokenizer, texts, args.seq_length)
+    sparsity, n_block, n_active = measured_sparsity(model)
+    accuracy = choice_accuracy(model, tokenizer, choice_items(texts, count=args.choices))
+    result = {"model": str(args.model), "data": str(args.data), "documents": len(texts), "tokens": tokens,
+              "heldout_loss": loss, "bits_per_byte": bpb, "multiple_choice_accuracy": accuracy,
+              "multiple_choice_chance": 0.25, "realized_sparsity": sparsity, "block_linear_parameters_N": n_block,
+              "activated_parameters_N_a": n_active, "configured_sparsity": model.config.sparsity}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{'model':<28}{args.model}")
+        print(f"{'held-out loss':<28}{loss:.4f} nats/token over {tokens} tokens ({len(texts)} documents)")
+        print(f"{'bits per byte':<28}{bpb:.4f}")
+        print(f"{'multiple choice accuracy':<28}{100 * accuracy:.1f}% (chance 25%, {args.choices} items)")
+        print(f"{'realized sparsity':<28}" + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sparsity.items()))
+        print(f"{'N / N_a (measured)':<28}{n_block / 1e6:.3f}M / {n_active / 1e6:.3f}M")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

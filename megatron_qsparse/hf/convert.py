@@ -7,6 +7,7 @@ fc1 is [gate; up] in both of ours. The embedding is padded to ``vocab_divisible_
 the tokenizer's vocabulary in HF.
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -204,17 +205,31 @@ def _inlined_ops_source() -> str:
     return "\n".join(parts)
 
 
-def save_hf_model(state: Tensors, cfg: QSparseConfig, output: Path, tokenizer: Optional[Path] = None,
-                  stock_format: bool = False, log=print) -> Path:
-    """Write an HF checkpoint (safetensors + config + code files + tokenizer) atomically into ``output``."""
-    from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM
-
+@contextlib.contextmanager
+def atomic_directory(output: Path):
+    """Yield a temporary directory beside ``output``; it becomes ``output`` only if the block succeeds.
+    Refuses to replace a non-empty directory."""
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty; choose a new output directory")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
+        yield tmp
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_hf_model(state: Tensors, cfg: QSparseConfig, output: Path, tokenizer: Optional[Path] = None,
+                  stock_format: bool = False, log=print) -> Path:
+    """Write an HF checkpoint (safetensors + config + code files + tokenizer) atomically into ``output``."""
+    from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM
+
+    with atomic_directory(output) as tmp:
         hf_state = megatron_to_hf(state, cfg)
         if stock_format:
             _save_stock(hf_state, cfg, tmp)
@@ -231,12 +246,6 @@ def save_hf_model(state: Tensors, cfg: QSparseConfig, output: Path, tokenizer: O
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True).save_pretrained(tmp)
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {output}")
     return output
 
@@ -293,12 +302,7 @@ def save_megatron_checkpoint(state: Tensors, cfg: QSparseConfig, output: Path, s
     from megatron_qsparse.parallel.state import single_process_model_parallel
     from megatron_qsparse.training.checkpoint import STATE_FILE
 
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists and is not empty; choose a new output directory")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with atomic_directory(output) as tmp:
         with single_process_model_parallel():
             model = build_gpt_model(cfg, cfg.to_transformer_config())
             model.load_state_dict(state, strict=False)
@@ -310,13 +314,7 @@ def save_megatron_checkpoint(state: Tensors, cfg: QSparseConfig, output: Path, s
         model_dict = dict(cfg.to_dict(), preset="imported")
         write_json(tmp / STATE_FILE, {"step": 0, "source": source, "layout": {"tp": 1, "pp": 1, "ep": 1, "sp": False},
                                       "world_size": 1, "config": {"model": model_dict}, "format": 1})
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+    return Path(output)
 
 
 def export_checkpoint(checkpoint: Path, output: Path, tokenizer: Optional[Path] = None, stock_format: bool = False,

@@ -18,7 +18,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_qsparse import QSparseHFConfig
-from .qsparse_ops import quantize_activation_int8, quantize_weight_ternary, topk_sparsify
+from .qsparse_ops import (
+    activation_by_name,
+    normalize,
+    quantize_activation_int8,
+    quantize_weight_ternary,
+    topk_sparsify,
+)
 
 
 class SiteLinear(nn.Linear):
@@ -46,25 +52,12 @@ class SiteLinear(nn.Linear):
 class Norm(nn.Module):
     def __init__(self, config: QSparseHFConfig, size: int):
         super().__init__()
-        self.eps, self.rms = config.rms_norm_eps, config.normalization == "rmsnorm"
+        self.eps = config.rms_norm_eps
         self.weight = nn.Parameter(torch.ones(size))
-        self.bias = None if self.rms else nn.Parameter(torch.zeros(size))
+        self.bias = None if config.normalization == "rmsnorm" else nn.Parameter(torch.zeros(size))
 
     def forward(self, x):
-        xf = x.float()
-        if self.rms:
-            out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        else:
-            out = F.layer_norm(xf, xf.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
-
-
-def activation(name: str):
-    if name == "relu2":
-        return lambda x: torch.square(F.relu(x))
-    if name == "silu":
-        return F.silu
-    raise ValueError(f"unknown hidden_act {name!r}")
+        return normalize(x, self.weight, self.bias, self.eps)
 
 
 class GatedMLP(nn.Module):
@@ -73,7 +66,7 @@ class GatedMLP(nn.Module):
         s = config.sparsity
         self.gate_up_proj = SiteLinear(config.hidden_size, 2 * intermediate, False, s["fc1"], config)
         self.down_proj = SiteLinear(intermediate, config.hidden_size, False, s["fc2"], config)
-        self.act = activation(config.hidden_act)
+        self.act = activation_by_name(config.hidden_act)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

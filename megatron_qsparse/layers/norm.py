@@ -6,8 +6,9 @@ The kind follows ``TransformerConfig.normalization`` ("RMSNorm" or "LayerNorm").
 """
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_qsparse.layers.norm_fn import normalize
 
 
 class Norm(MegatronModule):
@@ -15,17 +16,11 @@ class Norm(MegatronModule):
         super().__init__(config)
         if config.normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"normalization must be RMSNorm or LayerNorm, got {config.normalization!r}")
-        self.rms = config.normalization == "RMSNorm"
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        self.bias = None if config.normalization == "RMSNorm" else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
         for p in self.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.rms:
-            out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        else:
-            out = F.layer_norm(xf, xf.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
+        return normalize(x, self.weight, self.bias, self.eps)

@@ -1,7 +1,32 @@
+import json
 import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # megatron's fused ops go through torch.compile: seconds per op per process on CPU.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SLICE = Path(__file__).resolve().parent / "data" / "corpus_slice.jsonl"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    from megatron_qsparse.data.preprocess import preprocess
+    from megatron_qsparse.data.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [json.loads(line) for line in SLICE.read_text().splitlines() if line.strip()]
+    train, valid = root / "train.jsonl", root / "valid.jsonl"
+    train.write_text("".join(json.dumps(d) + "\n" for i, d in enumerate(docs) if i % 8 != 3))
+    valid.write_text("".join(json.dumps(d) + "\n" for i, d in enumerate(docs) if i % 8 == 3))
+    tokenizer = train_bpe_tokenizer([train], root / "tokenizer", vocab_size=2048)
+    for name, source in (("train", train), ("valid", valid)):
+        preprocess([source], root / name, tokenizer, input_format="jsonl", workers=1, log=lambda m: None,
+                   progress=False)
+    return {"root": root, "tokenizer": str(tokenizer), "train": str(root / "train"), "valid": str(root / "valid"),
+            "train_jsonl": train, "docs": docs}
+
+

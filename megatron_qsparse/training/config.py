@@ -223,6 +223,11 @@ def build_config(data: dict, overrides: Iterable[str] = (), source: str = "<dict
         raise ConfigError(f"{source}: unknown section(s) {unknown}; sections are {['model'] + sorted(SECTIONS)}")
     model = dict(data.get("model") or {})
     preset_name = model.pop("preset", "tiny")
+    # A preset override replaces the base the model section starts from (its other keys still apply).
+    for assignment in overrides:
+        key, _, value = assignment.partition("=")
+        if key == "model.preset":
+            preset_name = value
     if preset_name not in PRESETS:
         raise ConfigError(f"{source}: model.preset: {preset_name!r} is not one of {sorted(PRESETS)}")
     model_data = PRESETS[preset_name]().to_dict()

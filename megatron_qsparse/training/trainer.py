@@ -122,6 +122,7 @@ def _build_data(cfg: TrainConfig, tokenizer, world_size: int) -> Data:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.preemption = PreemptionFlag()  # first: a signal during start-up must not kill the job unsaved
         self.world_size = dist.get_world_size()
         cfg.validate(self.world_size)
         p = cfg.parallel
@@ -166,7 +167,6 @@ class Trainer:
         self.data = _build_data(cfg, self.tokenizer, self.world_size)
         self.writer = MetricsWriter(cfg.run_dir, cfg.log.tensorboard, self.start_step)
         self.summary = summarize(cfg.model)
-        self.preemption = PreemptionFlag()
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:

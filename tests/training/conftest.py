@@ -1,5 +1,5 @@
-"""A small real corpus (the committed public-domain slice), its tokenizer and .bin/.idx files, and a way to
-run the training command exactly as users do (``torchrun ... pretrain_scripts/pretrain_qsparse.py``)."""
+"""Run the training command exactly as users do (``torchrun ... pretrain_scripts/pretrain_qsparse.py``) on the
+shared ``corpus`` fixture (tests/conftest.py), and read what it wrote."""
 
 import json
 import os
@@ -11,30 +11,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SLICE = REPO / "tests" / "data" / "corpus_slice.jsonl"
 
 # The test model: 2 layers, hidden 64, Q-Sparse 50% (fc2 80%), GQA, untied (so PP layouts apply).
 MODEL = {"preset": "tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
          "num_query_groups": 2, "vocab_size": 2048, "seq_length": 64, "tie_embeddings": False,
          "sparsity": {"default": 0.5, "fc2": 0.8}}
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    from megatron_qsparse.data.preprocess import preprocess
-    from megatron_qsparse.data.tokenizer import train_bpe_tokenizer
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = [json.loads(line) for line in SLICE.read_text().splitlines() if line.strip()]
-    train, valid = root / "train.jsonl", root / "valid.jsonl"
-    train.write_text("".join(json.dumps(d) + "\n" for i, d in enumerate(docs) if i % 8 != 3))
-    valid.write_text("".join(json.dumps(d) + "\n" for i, d in enumerate(docs) if i % 8 == 3))
-    tokenizer = train_bpe_tokenizer([train], root / "tokenizer", vocab_size=2048)
-    for name, source in (("train", train), ("valid", valid)):
-        preprocess([source], root / name, tokenizer, input_format="jsonl", workers=1, log=lambda m: None,
-                   progress=False)
-    return {"root": root, "tokenizer": str(tokenizer), "train": str(root / "train"), "valid": str(root / "valid"),
-            "train_jsonl": train, "docs": docs}
 
 
 def write_config(path: Path, corpus: dict, run_dir: Path, **sections) -> Path:

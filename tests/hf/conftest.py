@@ -1,1 +1,0 @@
-from training.conftest import corpus  # noqa: F401  (the shared real-corpus fixture)

@@ -53,6 +53,11 @@ if (($# < 1)); then
 fi
 CONFIG="$1"
 shift
+# The sized batch scripts pass their default config first; a .yaml the user gave them replaces it.
+if [[ "${1:-}" == *.yaml || "${1:-}" == *.yml ]]; then
+    CONFIG="$1"
+    shift
+fi
 if [[ -z "${SLURM_JOB_ID:-}" || -z "${SLURM_JOB_NODELIST:-}" ]]; then
     echo "$0: not inside a Slurm job; submit with sbatch (see slurm/README.md for torchrun without Slurm)" >&2
     exit 2

@@ -24,12 +24,7 @@
 # preemption/requeue behaviour: slurm/launch.sh, slurm/README.md.
 
 set -euo pipefail
-CONFIG=pretrain_scripts/configs/1.3b.yaml
-if [[ "${1:-}" == *.yaml || "${1:-}" == *.yml ]]; then
-    CONFIG="$1"
-    shift
-fi
 # sbatch runs a copy of this file from its spool directory: find the repository from the submit directory.
 REPO="${QSPARSE_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
 # exec: the launcher becomes the batch shell, so Slurm's SIGUSR1 (--signal=B:...) reaches it.
-exec bash "$REPO/slurm/launch.sh" "$CONFIG" "$@"
+exec bash "$REPO/slurm/launch.sh" pretrain_scripts/configs/1.3b.yaml "$@"

@@ -1,12 +1,20 @@
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # megatron's fused ops go through torch.compile: seconds per op per process on CPU.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# Hermetic and offline: a private Hugging Face cache, no hub; set before `datasets` is first imported.
+_HF_HOME = tempfile.mkdtemp(prefix="qsparse-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+os.environ.update(HF_HOME=_HF_HOME, HF_DATASETS_CACHE=str(Path(_HF_HOME) / "datasets"), HF_DATASETS_OFFLINE="1",
+                  HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SLICE = Path(__file__).resolve().parent / "data" / "corpus_slice.jsonl"

@@ -13,16 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Hermetic and offline: a private Hugging Face cache, no hub; set before `datasets` is first imported.
-_HF_HOME = tempfile.mkdtemp(prefix="qsparse-hf-")
-atexit.register(shutil.rmtree, _HF_HOME, True)
-os.environ.update(
-    HF_HOME=_HF_HOME,
-    HF_DATASETS_CACHE=str(Path(_HF_HOME) / "datasets"),
-    HF_DATASETS_OFFLINE="1",
-    HF_HUB_OFFLINE="1",
-    TOKENIZERS_PARALLELISM="false",
-)
+# The hermetic, offline Hugging Face environment is set in tests/conftest.py.
 
 from megatron_qsparse.data.preprocess import BadInputError, PreprocessError, preprocess  # noqa: E402
 from megatron_qsparse.data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402

@@ -55,7 +55,7 @@ def test_batch_headers(name):
     assert any(o.startswith("--nodes=") for o in options) and any(o.startswith("--time=") for o in options)
     assert 'exec bash "$REPO/slurm/launch.sh"' in text  # exec: the launcher is the shell Slurm signals
     if name in WRAPPERS:
-        assert f"CONFIG=pretrain_scripts/configs/{WRAPPERS[name]}" in text
+        assert f'launch.sh" pretrain_scripts/configs/{WRAPPERS[name]} "$@"' in text
         assert (REPO / "pretrain_scripts" / "configs" / WRAPPERS[name]).is_file()
 
 

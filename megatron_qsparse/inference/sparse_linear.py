@@ -8,8 +8,8 @@ is ``1 / (1 - s)``. For finite inputs the result equals the masked dense product
 ``x ⊙ mask`` NaN there, while its row is simply not read here).
 
 Two routes, the same selection and product: the compiled kernel (``gather_kernel``: selection, gather and
-product in one op, fp32/bf16 weights, up to ``MAX_KERNEL_BATCH`` tokens), else torch (``topk_mask`` +
-``index_select`` + ``mm``).
+product in one op, fp32/bf16, up to ``MAX_KERNEL_BATCH`` tokens; its C++ selection is tested equal to
+``topk_mask`` / ``block_topk_mask``), else torch (``topk_mask`` + ``index_select`` + ``mm``).
 
 Batch > 1 (choice, measured with ``tools/bench_decode.py --batch``): the rows read are the union of the tokens'
 kept channels, each read once and applied to every token (a token that did not keep a channel multiplies it by
@@ -50,6 +50,7 @@ def topk_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Te
     check_sparsity(sparsity)
     if kernel_applies(x, weight_t):
         segment = block_size or x.shape[-1]
+        bias = None if bias is None else bias.float()
         return compiled_topk_linear(x, weight_t, bias, kept_count(sparsity, segment), segment)
     rows, values = gather_inputs(x, kept_channel_mask(x, sparsity, block_size))
     y = values @ weight_t.index_select(0, rows).float()

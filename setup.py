@@ -18,6 +18,7 @@ setup(
     entry_points={
         "console_scripts": [
             "qsparse-model-summary=megatron_qsparse.model.summary:main",
+            "qsparse-pretrain=megatron_qsparse.training.cli:main",
         ]
     },
 )

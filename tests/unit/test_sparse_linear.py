@@ -199,6 +199,18 @@ def test_kernel_is_built_where_a_compiler_exists():
     assert backend() == "cpp"
 
 
+def test_decode_layer_sparse_step_equals_masked_dense_step():
+    from megatron_qsparse.inference.decode_layer import DecodeLayer, LayerShape, random_weights, sparse_projections
+    from megatron_qsparse.model import preset
+
+    shape = LayerShape.from_config(preset("tiny", ["num_query_groups=2"]))
+    weights = random_weights(shape, torch.float32)
+    masked = {site: (lambda w: lambda t: topk_sparsify(t, 0.5) @ w.T)(w) for site, w in weights.items()}
+    x = torch.randn(2, shape.hidden)
+    sparse = DecodeLayer(shape, sparse_projections(weights, 0.5), batch=2)(x)
+    assert_matches(sparse, DecodeLayer(shape, masked, batch=2)(x), torch.float32)
+
+
 # ---- topk_mask's CPU selection (kthvalue, tie break only where needed) equals the sort-based version -------
 def sorted_topk_mask(x, k):
     """topk_mask as first written: the k-th value from a sorted topk, ties broken for every row."""

@@ -38,3 +38,18 @@ def corpus(tmp_path_factory):
             "train_jsonl": train, "docs": docs}
 
 
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 2000-token BPE trained on the committed slice (tokenizer and preprocessing unit tests)."""
+    from megatron_qsparse.data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([SLICE], tmp_path_factory.mktemp("tok") / "bpe2k", vocab_size=2000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from megatron_qsparse.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)

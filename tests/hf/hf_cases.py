@@ -57,7 +57,6 @@ def megatron_loss(rank, world_size, checkpoint: str, tokens: torch.Tensor) -> fl
     """Mean next-token loss of a checkpoint's model on ``tokens`` (one process)."""
     from megatron.core import tensor_parallel
 
-    from megatron_qsparse.hf.convert import load_megatron_state  # noqa: F401  (config reading)
     from megatron_qsparse.training.checkpoint import load_model, read_trainer_state
     from megatron_qsparse.model.config import QSparseConfig
 

@@ -49,16 +49,6 @@ def assert_only(directory: Path, names: set[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return train_bpe_tokenizer([SLICE], tmp_path_factory.mktemp("tok") / "bpe2k", vocab_size=2000)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
 def jsonl_output(tmp_path_factory, tokenizer_dir):
     """The slice preprocessed once with 2 workers; the reference every other route must match."""
     out = tmp_path_factory.mktemp("jsonl")

@@ -37,16 +37,6 @@ def load_tool(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return train_bpe_tokenizer([SLICE], tmp_path_factory.mktemp("tok") / "bpe2k", vocab_size=2000)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
-
-
 def test_trained_directory_is_a_complete_hf_tokenizer(tokenizer_dir):
     assert sorted(p.name for p in tokenizer_dir.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     # Built beside the output and renamed: no staging directory is left behind.

@@ -11,7 +11,7 @@ from megatron_qsparse.sparsity.bitnet import absmax_scale, absmean_scale
 def sharded_absmean(w_local: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return absmean_scale(w_local)
-    total = torch.stack([w_local.detach().abs().double().sum(),
+    total = torch.stack([w_local.detach().abs().sum(dtype=torch.float64),
                          torch.tensor(float(w_local.numel()), dtype=torch.float64, device=w_local.device)])
     dist.all_reduce(total, group=group)
     return (total[0] / total[1]).float()

@@ -18,7 +18,7 @@ def absmean_scale(w: torch.Tensor) -> torch.Tensor:
     """alpha = mean(|W|) over the whole tensor. Accumulated in fp64 and returned in fp32, so that a
     tensor-parallel sum of shard sums gives the very same alpha (fp32 sums in another order would differ in the
     last bit and flip the ternary code of weights sitting on a rounding boundary)."""
-    return w.detach().abs().double().mean().float()
+    return (w.detach().abs().sum(dtype=torch.float64) / w.numel()).float()
 
 
 def absmax_scale(x: torch.Tensor) -> torch.Tensor:

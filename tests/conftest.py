@@ -20,6 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SLICE = Path(__file__).resolve().parent / "data" / "corpus_slice.jsonl"
 
 
+def pytest_sessionstart(session):
+    """Build the compiled CPU ops once, before any test starts worker processes that would all wait on it."""
+    from megatron_qsparse import kernels
+
+    kernels.load()
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     from megatron_qsparse.data.preprocess import preprocess

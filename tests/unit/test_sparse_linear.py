@@ -12,7 +12,8 @@ import torch
 from megatron_qsparse.inference import SparseDecodeLinear, backend, kept_channel_mask, topk_linear
 from megatron_qsparse.inference import gather_kernel
 from megatron_qsparse.inference.sparse_linear import gather_inputs
-from megatron_qsparse.sparsity.topk import block_topk_mask, kept_count, select_by_threshold, topk_mask, topk_sparsify
+from megatron_qsparse.sparsity.topk import (block_topk_mask, kept_count, select_by_threshold, topk_mask,
+                                            topk_mask_torch, topk_sparsify)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -170,15 +171,39 @@ def fuzz_inputs(trials: int, sizes=(1, 70)):
         yield x, int(torch.randint(-1, size + 2, (), generator=g))
 
 
-@pytest.mark.parametrize("sizes,trials", [((1, 70), 400), ((256, 3000), 60)])  # nth_element, radix select
+def torch_route_mask(x, k):
+    """topk_mask by its torch route (the definition the compiled selection must reproduce)."""
+    if k >= x.shape[-1] or k <= 0:
+        return topk_mask(x, k)
+    return topk_mask_torch(x, k)
+
+
+@pytest.mark.parametrize("sizes,trials", [((1, 70), 400), ((256, 3000), 60)])  # nth_element, bucket select
 def test_kernel_selection_equals_topk_mask(sizes, trials):
-    """The compiled op selects with its own C++ code; it must pick exactly what topk_mask picks."""
+    """Both compiled ops select with their own C++ code; they must pick exactly what the torch route picks."""
     needs_kernel()
     for x, k in fuzz_inputs(trials, sizes):
         size = x.shape[-1]
         mask = torch.empty(x.shape, dtype=torch.bool)
         gather_kernel.compiled_topk_linear(x, torch.zeros(size, 1), None, k, size, mask)
-        assert torch.equal(mask, topk_mask(x, k)), (x, k)
+        expected = torch_route_mask(x, k)
+        assert torch.equal(mask, expected), (x, k)
+        assert torch.equal(topk_mask(x, k), expected), (x, k)
+
+
+def test_kernel_selection_on_activation_like_rows():
+    """Long rows with the shapes training sees: heavy tails, many exact zeros (after ReLU²), one bucket holding
+    most entries (all equal but a few), NaN rows; fp32, bf16 and fp16 (ranked in fp32)."""
+    needs_kernel()
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randn(64, 2752, generator=g) ** 3, torch.relu(torch.randn(64, 1024, generator=g)) ** 2,
+            torch.ones(8, 4096).index_fill_(1, torch.tensor([3, 99, 4000]), 2.0),
+            torch.randn(4, 1024, generator=g).index_fill_(1, torch.arange(0, 1024, 3), float("nan"))]
+    for x in rows:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            xd = x.to(dtype)
+            for k in (1, 3, x.shape[-1] // 2, x.shape[-1] - 1):
+                assert torch.equal(topk_mask(xd, k), torch_route_mask(xd, k)), (dtype, k)
 
 
 @pytest.mark.parametrize("block_size", [4, 16, 32])
@@ -211,7 +236,7 @@ def test_decode_layer_sparse_step_equals_masked_dense_step():
     assert_matches(sparse, DecodeLayer(shape, masked, batch=2)(x), torch.float32)
 
 
-# ---- topk_mask's CPU selection (kthvalue, tie break only where needed) equals the sort-based version -------
+# ---- topk_mask's CPU selections (compiled; kthvalue + tie break) equal the sort-based version ----------------
 def sorted_topk_mask(x, k):
     """topk_mask as first written: the k-th value from a sorted topk, ties broken for every row."""
     if k >= x.shape[-1]:
@@ -227,7 +252,9 @@ def test_topk_mask_equals_sorted_selection_with_ties_nans_and_layouts():
     for trial, (x, k) in enumerate(fuzz_inputs(400)):
         if trial % 8 == 7:
             x = x.t().contiguous().t()  # a non-contiguous layout
-        assert torch.equal(topk_mask(x, k), sorted_topk_mask(x, k)), (trial, k)
+        expected = sorted_topk_mask(x, k)
+        assert torch.equal(topk_mask(x, k), expected), (trial, k)
+        assert torch.equal(torch_route_mask(x, k), expected), (trial, k)
     assert topk_mask(torch.randn(0, 8), 3).shape == (0, 8)
 
 

@@ -1,0 +1,74 @@
+"""The project's compiled CPU ops: Q-Sparse's top-K selection and the sparse decode product.
+
+``qsparse_cpu.cpp`` beside this file defines ``torch.ops.qsparse.topk_mask`` (the selection the training forward
+uses on CPU, via ``megatron_qsparse.sparsity.topk``) and ``torch.ops.qsparse.topk_linear`` (selection, gather and
+product of one decode projection, via ``megatron_qsparse.inference``). Its selection is a second implementation
+of the project's top-K rule, tested equal to the torch one (ties, NaN, inf, blocks).
+
+Built on first use (~20 s; AVX2+FMA when torch itself runs AVX2 code here, plain C++ otherwise) into
+``~/.cache/megatron_qsparse`` (or ``$QSPARSE_KERNEL_DIR``), keyed on the source, flags and torch version, and
+reused after. Without a compiler or ninja, or with ``QSPARSE_KERNELS=0``, ``load()`` returns None and callers
+take their torch route: the same results, slower.
+"""
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("qsparse_cpu.cpp")
+
+
+def _compile_flags() -> List[str]:
+    flags = ["-O3"]
+    if torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        flags += ["-mavx2", "-mfma"]
+    if torch.backends.openmp.is_available():  # at::parallel_for expands to an OpenMP region in our code
+        flags.append("-fopenmp")
+    return flags
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Rewrite the build's copy of the source only when it differs: the build cache is keyed on mtimes."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Optional[object]:
+    """``torch.ops.qsparse`` once built and loaded; None where it cannot be built (or is switched off)."""
+    if os.environ.get("QSPARSE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        source, flags = SOURCE.read_text(), _compile_flags()
+        digest = hashlib.sha1("\n".join([source, *flags, torch.__version__]).encode()).hexdigest()[:12]
+        name = f"qsparse_cpu_{digest}"
+        root = Path(os.environ.get("QSPARSE_KERNEL_DIR", Path.home() / ".cache" / "megatron_qsparse"))
+        build_dir = root / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _write_if_changed(build_dir / SOURCE.name, source)
+        if not (build_dir / f"{name}.so").exists():
+            print(f"megatron_qsparse: building the CPU kernels into {build_dir} (once, ~20 s)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(build_dir / SOURCE.name)], build_directory=str(build_dir),
+                           extra_cflags=flags, extra_ldflags=[f for f in flags if f == "-fopenmp"],
+                           is_python_module=False)
+        return torch.ops.qsparse
+    except Exception as error:  # no compiler, no ninja, read-only home...: stay correct, just slower
+        warnings.warn(f"megatron_qsparse CPU kernels unavailable ({type(error).__name__}: {error}); using the "
+                      "torch routes (same results, slower)")
+        return None
+
+
+def backend() -> str:
+    """``"cpp"`` when the compiled ops run, ``"torch"`` for the fallbacks."""
+    return "cpp" if load() is not None else "torch"

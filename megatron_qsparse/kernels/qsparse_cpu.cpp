@@ -1,0 +1,336 @@
+// Q-Sparse CPU ops (built and loaded by megatron_qsparse/kernels/__init__.py).
+//   topk_mask:   the top-k mask of every segment of x: the training forward's selection.
+//   topk_linear: the decode step of one projection: mask = top-k of each token's input, y[b, :] = sum over the
+//                rows r any token keeps of x[b, r] * mask[b, r] * weight_t[r, :] + bias (fp32 accumulation;
+//                fp32 or bfloat16 weight and input), reading only the kept rows of the input-major weight.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRowsPerPass = 8;       // rows folded into the accumulators per pass (best of 2, 4, 8, 16)
+constexpr int64_t kAccumulators = 32768;  // fp32 accumulators per thread, 128 KiB in L2 (8K-32K: within 5%)
+constexpr int64_t kMaxBatch = 64;         // bounds the per-thread partial sums (threads x batch x out floats)
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t bits) {  // a bfloat16 is the upper half of an fp32
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &word, sizeof f);
+  return f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#endif
+
+// acc[0:width] += sum_u v[u] * row[u][0:width]
+template <int64_t U, typename W>
+inline void fold_rows(const W* const* row, const float* v, int64_t width, float* acc) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 scale[U];
+  for (int64_t u = 0; u < U; ++u) scale[u] = _mm256_set1_ps(v[u]);
+  for (; j + 8 <= width; j += 8) {
+    __m256 a = _mm256_loadu_ps(acc + j);
+    for (int64_t u = 0; u < U; ++u) a = _mm256_fmadd_ps(scale[u], load8(row[u] + j), a);
+    _mm256_storeu_ps(acc + j, a);
+  }
+#endif
+  for (; j < width; ++j) {
+    float s = acc[j];
+    for (int64_t u = 0; u < U; ++u) s += v[u] * widen(row[u][j]);
+    acc[j] = s;
+  }
+}
+
+// y[b, :] += sum_i values[b * stride + i] * wt[rows[i], :], in column tiles whose accumulators (batch x tile)
+// stay in L2 while the n rows stream by.
+template <typename W>
+void accumulate_rows(const W* wt, int64_t out_features, const int64_t* rows, int64_t n, const float* values,
+                     int64_t stride, int64_t batch, float* y) {
+  thread_local std::vector<float> acc(kAccumulators);  // per thread, kept across calls: no page faults
+  const int64_t tile = std::max<int64_t>(kAccumulators / batch / 8 * 8, 8);
+  const W* row[kRowsPerPass];
+  float v[kRowsPerPass];
+  for (int64_t t0 = 0; t0 < out_features; t0 += tile) {
+    const int64_t width = std::min(tile, out_features - t0);
+    std::fill(acc.begin(), acc.begin() + batch * width, 0.f);
+    int64_t i = 0;
+    for (; i + kRowsPerPass <= n; i += kRowsPerPass) {
+      for (int64_t u = 0; u < kRowsPerPass; ++u) row[u] = wt + rows[i + u] * out_features + t0;
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t u = 0; u < kRowsPerPass; ++u) v[u] = values[b * stride + i + u];
+        fold_rows<kRowsPerPass>(row, v, width, acc.data() + b * width);
+      }
+    }
+    for (; i < n; ++i) {
+      row[0] = wt + rows[i] * out_features + t0;
+      for (int64_t b = 0; b < batch; ++b) {
+        v[0] = values[b * stride + i];
+        fold_rows<1>(row, v, width, acc.data() + b * width);
+      }
+    }
+    for (int64_t b = 0; b < batch; ++b) {
+      float* yb = y + b * out_features + t0;
+      for (int64_t j = 0; j < width; ++j) yb[j] += acc[b * width + j];
+    }
+  }
+}
+
+// Threads split the rows, each streaming whole rows into its own partial sum, then the partials are added:
+// 3-7% faster at 2 threads than splitting the columns (each thread then reads half of every row).
+template <typename W>
+void gather_all(const W* wt, int64_t out_features, const int64_t* rows, int64_t n, const float* values,
+                int64_t batch, float* y) {
+  const int64_t size = batch * out_features, threads = at::get_num_threads();
+  thread_local std::vector<float> partial_sums;  // the caller's; worker threads see it through `partial`
+  partial_sums.assign(threads * size, 0.f);
+  float* partial = partial_sums.data();
+  const int64_t passes = (n + kRowsPerPass - 1) / kRowsPerPass;
+  at::parallel_for(0, passes, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t r0 = p0 * kRowsPerPass, r1 = std::min(p1 * kRowsPerPass, n);
+    accumulate_rows(wt, out_features, rows + r0, r1 - r0, values + r0, n, batch,
+                    partial + at::get_thread_num() * size);
+  });
+  at::parallel_for(0, size, 4096, [&](int64_t s0, int64_t s1) {
+    for (int64_t i = s0; i < s1; ++i) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < threads; ++t) sum += partial[t * size + i];
+      y[i] = sum;
+    }
+  });
+}
+
+// |v| as an unsigned integer: ordered like the magnitudes, every NaN above inf (as torch.kthvalue ranks them).
+inline uint32_t magnitude_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits & 0x7FFFFFFFu;
+}
+constexpr uint32_t kInfinityBits = 0x7F800000u;  // magnitudes above this are NaN
+constexpr int kBucketShift = 20;                  // bucket = exponent and 3 mantissa bits: 8 buckets per octave
+constexpr int64_t kBuckets = int64_t{1} << (31 - kBucketShift);
+constexpr int64_t kSmallSegment = 256;            // shorter segments (Block Q-Sparse) use nth_element directly
+
+struct Selection {
+  uint32_t kth;     // bits of the k-th largest magnitude
+  int64_t greater;  // entries whose bits exceed kth (NaNs included)
+};
+
+// Scratch space of one thread, reused across segments and calls (no allocation per row).
+struct Scratch {
+  std::vector<uint32_t> bits, candidates;
+  std::array<uint32_t, kBuckets> counts;
+};
+
+// The k-th largest of bits[0:size] (1 <= k < size) without sorting: a histogram over the top bits (8 buckets per
+// octave) finds the bucket holding it; only that bucket's entries (a few percent of a real activation row) are
+// copied out and nth_element'd. Every pass over the whole row is branch-free: which bucket or side an entry
+// falls on is a coin flip for the branch predictor (a quickselect such as torch.kthvalue mispredicts on every
+// other element of a fresh row).
+Selection kth_largest(Scratch& s, int64_t size, int64_t k) {
+  const uint32_t* bits = s.bits.data();
+  if (size < kSmallSegment) {
+    s.candidates.assign(bits, bits + size);
+    std::nth_element(s.candidates.begin(), s.candidates.begin() + (k - 1), s.candidates.end(),
+                     std::greater<uint32_t>());
+    const uint32_t kth = s.candidates[k - 1];
+    int64_t greater = 0;
+    for (int64_t i = 0; i < k - 1; ++i) greater += s.candidates[i] > kth;
+    return {kth, greater};
+  }
+  s.counts.fill(0);
+  uint32_t top = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    ++s.counts[bits[i] >> kBucketShift];
+    top = std::max(top, bits[i]);
+  }
+  int64_t bucket = top >> kBucketShift, above = 0;  // entries in buckets above `bucket`
+  for (; above + s.counts[bucket] < k; --bucket) above += s.counts[bucket];
+  const int64_t in_bucket = s.counts[bucket], rank = k - above;  // the answer's rank within its bucket
+  s.candidates.resize(size);
+  uint32_t* out = s.candidates.data();
+  int64_t n = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    out[n] = bits[i];
+    n += (bits[i] >> kBucketShift) == static_cast<uint32_t>(bucket);
+  }
+  std::nth_element(out, out + (rank - 1), out + in_bucket, std::greater<uint32_t>());
+  const uint32_t kth = out[rank - 1];
+  int64_t greater = above;
+  for (int64_t i = 0; i < rank - 1; ++i) greater += out[i] > kth;
+  return {kth, greater};
+}
+
+// The project's top-K rule (megatron_qsparse.sparsity.topk.topk_mask) on one segment of x: the k-th largest
+// |x| (fp32, NaN ranked above everything) is the threshold; every |x| > threshold is kept, then the ties
+// |x| == threshold from the lowest index up, k in all. Comparisons are IEEE: a NaN is never kept, and a NaN
+// threshold keeps nothing. Equality with topk_mask / block_topk_mask is tested on ties, NaN and inf.
+template <typename X>
+void select_topk(const X* x, int64_t size, int64_t k, Scratch& s, bool* keep) {
+  if (k >= size || k <= 0) {
+    std::fill(keep, keep + size, k > 0);
+    return;
+  }
+  s.bits.resize(size);
+  int64_t nans = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    s.bits[i] = magnitude_bits(widen(x[i]));
+    nans += s.bits[i] > kInfinityBits;
+  }
+  const Selection sel = kth_largest(s, size, k);
+  if (sel.kth > kInfinityBits) {
+    std::fill(keep, keep + size, false);
+    return;
+  }
+  int64_t ties = k - (sel.greater - nans);  // NaNs rank above the threshold but are never kept
+  for (int64_t i = 0; i < size; ++i) {
+    const uint32_t m = s.bits[i];
+    const bool tie = m == sel.kth;
+    keep[i] = ((m > sel.kth) & (m <= kInfinityBits)) | (tie & (ties > 0));
+    ties -= tie;
+  }
+}
+
+// The top-k mask of every segment of x (rows of `segment` entries), segments split across threads.
+template <typename X>
+void select_segments(const X* x, int64_t segments, int64_t segment, int64_t k, bool* keep) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / segment);  // ~16K entries per task
+  at::parallel_for(0, segments, grain, [&](int64_t s0, int64_t s1) {
+    thread_local Scratch scratch;
+    for (int64_t s = s0; s < s1; ++s) select_topk(x + s * segment, segment, k, scratch, keep + s * segment);
+  });
+}
+
+void check_input(const at::Tensor& x, int64_t segment) {
+  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x: a contiguous float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(x.dim() >= 1 && segment > 0 && x.size(-1) % segment == 0, "segment must divide the input size");
+}
+
+void select_into(const at::Tensor& x, int64_t k, int64_t segment, bool* keep) {
+  const int64_t segments = x.numel() / segment;
+  if (x.scalar_type() == at::kFloat) {
+    select_segments(x.data_ptr<float>(), segments, segment, k, keep);
+  } else {
+    select_segments(reinterpret_cast<const uint16_t*>(x.data_ptr()), segments, segment, k, keep);
+  }
+}
+
+// Q-Sparse's mask: the top-k of every `segment` consecutive entries of x (the whole row, or each block of Block
+// Q-Sparse), as a bool tensor shaped like x. The training forward's selection on CPU.
+at::Tensor topk_mask(const at::Tensor& x, int64_t k, int64_t segment) {
+  check_input(x, segment);
+  at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kBool));
+  select_into(x, k, segment, mask.data_ptr<bool>());
+  return mask;
+}
+
+// The rows any token keeps (ascending) and the tokens' inputs on them, zero where a token dropped the row.
+// Branch-free compaction: whether a row is kept is a coin flip for the branch predictor.
+void gather_kept(const float* x, const bool* mask, int64_t batch, int64_t in_features, std::vector<int64_t>& rows,
+                 std::vector<float>& values) {
+  rows.resize(in_features);
+  int64_t n = 0;
+  for (int64_t d = 0; d < in_features; ++d) {
+    bool any = false;
+    for (int64_t b = 0; b < batch; ++b) any |= mask[b * in_features + d];
+    rows[n] = d;
+    n += any;
+  }
+  rows.resize(n);
+  values.resize(batch * n);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = b * in_features + rows[i];
+      values[b * n + i] = mask[at] ? x[at] : 0.f;
+    }
+  }
+}
+
+// x as fp32, [batch, in]: the input itself, or a per-thread converted copy of a bfloat16 input.
+const float* as_float(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  thread_local std::vector<float> converted;
+  converted.resize(x.numel());
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  for (int64_t i = 0; i < x.numel(); ++i) converted[i] = widen(bits[i]);
+  return converted.data();
+}
+
+// Q-Sparse decode step of one projection, as one op: mask = top-k of every segment of every token of x;
+// out = (x * mask) @ weight_t + bias in x's dtype, reading only the kept rows. One op because, once a
+// projection's weights have streamed through the caches, every extra torch op costs tens of microseconds.
+// `mask`, when given, receives the selection (for tests).
+at::Tensor topk_linear(const at::Tensor& x, const at::Tensor& weight_t, const std::optional<at::Tensor>& bias,
+                       int64_t k, int64_t segment, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(weight_t.dim() == 2 && weight_t.is_contiguous() && weight_t.device().is_cpu(),
+              "weight_t must be a contiguous 2-D CPU tensor [in, out]");
+  TORCH_CHECK(weight_t.scalar_type() == at::kFloat || weight_t.scalar_type() == at::kBFloat16,
+              "weight_t must be float32 or bfloat16");
+  const int64_t in_features = weight_t.size(0), out_features = weight_t.size(1), batch = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == in_features &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x: contiguous float32 or bfloat16 [batch, in]");
+  TORCH_CHECK(batch >= 1 && batch <= kMaxBatch, "batch must lie in [1, ", kMaxBatch, "]");
+  TORCH_CHECK(segment > 0 && in_features % segment == 0, "segment must divide the input size");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                        bias->numel() == out_features), "bias: contiguous float32 [out]");
+  TORCH_CHECK(!mask || (mask->sizes() == x.sizes() && mask->is_contiguous() && mask->scalar_type() == at::kBool),
+              "mask: contiguous bool, shaped like x");
+  thread_local std::vector<char> own_mask;  // char, not bool: std::vector<bool> has no addressable elements
+  own_mask.resize(x.numel());
+  bool* keep = mask ? mask->data_ptr<bool>() : reinterpret_cast<bool*>(own_mask.data());
+  select_into(x, k, segment, keep);
+  const float* xf = as_float(x);
+  thread_local std::vector<int64_t> rows;
+  thread_local std::vector<float> values, sums;
+  gather_kept(xf, keep, batch, in_features, rows, values);
+  const int64_t n = static_cast<int64_t>(rows.size());
+  sums.resize(batch * out_features);
+  if (weight_t.scalar_type() == at::kFloat) {
+    gather_all(weight_t.data_ptr<float>(), out_features, rows.data(), n, values.data(), batch, sums.data());
+  } else {
+    gather_all(reinterpret_cast<const uint16_t*>(weight_t.data_ptr()), out_features, rows.data(), n,
+               values.data(), batch, sums.data());
+  }
+  if (bias) {
+    const float* b = bias->data_ptr<float>();
+    for (int64_t i = 0; i < batch * out_features; ++i) sums[i] += b[i % out_features];
+  }
+  at::Tensor out = at::empty({batch, out_features}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    std::copy(sums.begin(), sums.end(), out.data_ptr<float>());
+  } else {
+    std::copy(sums.begin(), sums.end(), out.data_ptr<at::BFloat16>());  // rounds to nearest even
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qsparse, m) {
+  m.def("topk_mask(Tensor x, int k, int segment) -> Tensor", &topk_mask);
+  m.def("topk_linear(Tensor x, Tensor weight_t, Tensor? bias, int k, int segment, Tensor(a!)? mask=None) -> Tensor",
+        &topk_linear);
+}

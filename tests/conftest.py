@@ -27,6 +27,18 @@ def pytest_sessionstart(session):
     kernels.load()
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_route(request, monkeypatch):
+    """Run a test through the project's compiled CPU ops, then through the torch route they replace."""
+    from megatron_qsparse import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "compiled_op", lambda name, x: None)
+    elif kernels.backend() != "cpp":
+        pytest.skip("the CPU kernels could not be built here")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     from megatron_qsparse.data.preprocess import preprocess

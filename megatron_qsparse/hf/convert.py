@@ -196,12 +196,16 @@ def _inlined_ops_source() -> str:
 
     parts = ['"""Copied at export from megatron_qsparse (' + ", ".join(qsparse_ops.EXPORTED_MODULES) +
              '): the same code that trained this model."""\n']
-    for name in qsparse_ops.EXPORTED_MODULES:
-        source = inspect.getsource(importlib.import_module(name))
-        imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-        if any("megatron_qsparse" in line for line in imports):
-            raise RuntimeError(f"{name} imports the package; it cannot be exported standalone")
-        parts.append(f"# ---- {name} ----\n{source}")
+    for i, name in enumerate(qsparse_ops.EXPORTED_MODULES):
+        lines = inspect.getsource(importlib.import_module(name)).splitlines()
+        for n, line in enumerate(lines):
+            if not (line.startswith(("import ", "from ")) and "megatron_qsparse" in line):
+                continue
+            # An import of a module exported before this one: its names are already in the one file.
+            if line.split()[1] not in qsparse_ops.EXPORTED_MODULES[:i]:
+                raise RuntimeError(f"{name} imports {line.split()[1]}; it cannot be exported standalone")
+            lines[n] = f"# {line}  (inlined above)"
+        parts.append(f"# ---- {name} ----\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
 
 

@@ -72,3 +72,11 @@ def load() -> Optional[object]:
 def backend() -> str:
     """``"cpp"`` when the compiled ops run, ``"torch"`` for the fallbacks."""
     return "cpp" if load() is not None else "torch"
+
+
+def compiled_op(name: str, x: torch.Tensor):
+    """``torch.ops.qsparse.<name>`` for a CPU fp32/bf16 tensor ``x`` where the ops are built, else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    ops = load()
+    return None if ops is None else getattr(ops, name)

@@ -5,13 +5,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_qsparse.parallel.sharded_topk import group_size
-from megatron_qsparse.sparsity.bitnet import absmax_scale, absmean_scale
+from megatron_qsparse.sparsity.bitnet import abs_sum, absmax_scale, absmean_scale
 
 
 def sharded_absmean(w_local: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return absmean_scale(w_local)
-    total = torch.stack([w_local.detach().abs().sum(dtype=torch.float64),
+    total = torch.stack([abs_sum(w_local),
                          torch.tensor(float(w_local.numel()), dtype=torch.float64, device=w_local.device)])
     dist.all_reduce(total, group=group)
     return (total[0] / total[1]).float()

@@ -1,24 +1,36 @@
 """BitNet b1.58 quantizers: ternary absmean weights (per tensor) and int8 absmax activations (per token).
 
 Both are fake-quantizers for training: they return dequantized values in the input dtype, and the gradient
-passes straight through the rounding (``x + (q(x) - x).detach()``). The scale (``alpha`` for weights, ``gamma``
-per token for activations) can be supplied by the caller, which is how tensor parallelism reduces it over the
-whole weight / the whole row (see ``megatron_qsparse.parallel.sharded_quant``).
+passes straight through the rounding (STE). The scale (``alpha`` for weights, ``gamma`` per token for
+activations) can be supplied by the caller, which is how tensor parallelism reduces it over the whole weight /
+the whole row (see ``megatron_qsparse.parallel.sharded_quant``).
+
+On CPU the compiled ops (``megatron_qsparse.kernels``) do each quantizer in one pass over the tensor; torch's
+route below (the definition, used on accelerators and without a compiler) makes ~5 passes. Same values: tested.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from megatron_qsparse.sparsity.topk import compiled
 
 EPS = 1e-5
 ACT_LEVELS = 127
 
 
+def abs_sum(w: torch.Tensor) -> torch.Tensor:
+    """sum |w| accumulated in fp64 (a 0-d fp64 tensor). fp64, so that a tensor-parallel sum of shard sums
+    rounds to the very same fp32 alpha (fp32 sums in another order would differ in the last bit and flip the
+    ternary code of weights sitting on a rounding boundary)."""
+    w = w.detach()
+    op = compiled("abs_sum", w)
+    return op(w.contiguous()) if op is not None else w.abs().sum(dtype=torch.float64)
+
+
 def absmean_scale(w: torch.Tensor) -> torch.Tensor:
-    """alpha = mean(|W|) over the whole tensor. Accumulated in fp64 and returned in fp32, so that a
-    tensor-parallel sum of shard sums gives the very same alpha (fp32 sums in another order would differ in the
-    last bit and flip the ternary code of weights sitting on a rounding boundary)."""
-    return (w.detach().abs().sum(dtype=torch.float64) / w.numel()).float()
+    """alpha = mean(|W|) over the whole tensor, in fp32 (accumulated in fp64: see ``abs_sum``)."""
+    return (abs_sum(w) / w.numel()).float()
 
 
 def absmax_scale(x: torch.Tensor) -> torch.Tensor:
@@ -26,28 +38,54 @@ def absmax_scale(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().float().amax(dim=-1, keepdim=True)
 
 
-def _straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    return x + (quantized.to(x.dtype) - x).detach()
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``quantize(x)``; backward passes the gradient to x unchanged (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor]):
+        return quantize(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
-def _ternary(w: torch.Tensor, alpha: Optional[torch.Tensor]):
-    alpha = (absmean_scale(w) if alpha is None else alpha).clamp(min=EPS)
-    return (w.detach().float() / alpha).round().clamp(-1, 1), alpha
+def _ternary_levels(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """RoundClip(W / alpha, -1, 1) in fp32."""
+    return (w.detach().float() / alpha).round_().clamp_(-1, 1)
+
+
+def _ternary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    op = compiled("ternary", w)
+    if op is not None:
+        return op(w.contiguous(), alpha)
+    return _ternary_levels(w, alpha).mul_(alpha).to(w.dtype)
+
+
+def _int8(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    op = compiled("int8_levels", x)
+    if op is not None and gamma.numel() * x.shape[-1] == x.numel():  # one gamma per row, not broadcast
+        return op(x.contiguous(), gamma.contiguous())
+    levels = (x.float() * (ACT_LEVELS / gamma)).round_().clamp_(-ACT_LEVELS - 1, ACT_LEVELS)
+    return levels.mul_(gamma / ACT_LEVELS).to(x.dtype)
+
+
+def _weight_scale(w: torch.Tensor, alpha: Optional[torch.Tensor]) -> torch.Tensor:
+    return (absmean_scale(w) if alpha is None else alpha).clamp(min=EPS)
 
 
 def quantize_weight_ternary(w: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``RoundClip(W / alpha, -1, 1) * alpha`` with alpha = mean|W| (clamped to EPS); STE gradient."""
-    codes, alpha = _ternary(w, alpha)
-    return _straight_through(w, codes * alpha)
+    alpha = _weight_scale(w, alpha)
+    return _StraightThrough.apply(w, lambda t: _ternary(t, alpha))
 
 
 def ternary_codes(w: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The integer weight codes in {-1, 0, 1} (for export and inspection)."""
-    return _ternary(w, alpha)[0].to(torch.int8)
+    return _ternary_levels(w, _weight_scale(w, alpha)).to(torch.int8)
 
 
 def quantize_activation_int8(x: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``RoundClip(127 x / gamma, -128, 127) * gamma / 127`` per token, gamma = max|x| (clamped); STE."""
     gamma = (absmax_scale(x) if gamma is None else gamma).clamp(min=EPS)
-    levels = (x.detach().float() * (ACT_LEVELS / gamma)).round().clamp(-ACT_LEVELS - 1, ACT_LEVELS)
-    return _straight_through(x, levels * (gamma / ACT_LEVELS))
+    return _StraightThrough.apply(x, lambda t: _int8(t, gamma))

@@ -54,15 +54,14 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(mag, k, dim=-1, sorted=True).values[..., -1:]
 
 
-def compiled_topk_mask():
-    """``torch.ops.qsparse.topk_mask`` where the package's CPU ops are built, else None (no compiler, or this
-    file running standalone beside an exported Hugging Face model): then the torch route below, same mask."""
+def compiled(name: str, x: torch.Tensor):
+    """The package's compiled CPU op ``name`` for ``x`` (``megatron_qsparse.kernels``), else None: no compiler,
+    not a CPU fp32/bf16 tensor, or this file running standalone beside an exported Hugging Face model."""
     try:
-        from megatron_qsparse import kernels
+        from megatron_qsparse.kernels import compiled_op
     except ImportError:
         return None
-    ops = kernels.load()
-    return None if ops is None else ops.topk_mask
+    return compiled_op(name, x)
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,10 +74,11 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    op = compiled_topk_mask() if x.device.type == "cpu" else None
-    if op is not None:  # ranks fp32 magnitudes, as below: fp16 / fp64 inputs are converted first
-        x = x.detach() if x.dtype in (torch.float32, torch.bfloat16) else x.detach().float()
-        return op(x.contiguous(), k, size)
+    if x.device.type == "cpu":  # the compiled selection ranks fp32 magnitudes too: fp16 / fp64 are converted
+        ranked = x.detach() if x.dtype in (torch.float32, torch.bfloat16) else x.detach().float()
+        op = compiled("topk_mask", ranked)
+        if op is not None:
+            return op(ranked.contiguous(), k, size)
     return topk_mask_torch(x, k)
 
 

@@ -1,5 +1,8 @@
+import pytest
 import torch
 
+from megatron_qsparse import kernels
+from megatron_qsparse.sparsity import bitnet
 from megatron_qsparse.sparsity import (
     quantize_activation_int8,
     quantize_weight_ternary,
@@ -7,6 +10,37 @@ from megatron_qsparse.sparsity import (
     ternary_codes,
     topk_sparsify,
 )
+
+pytestmark = pytest.mark.usefixtures("cpu_route")  # every test: compiled CPU ops, then the torch route
+
+
+def quantized_by_torch(fn, *args):
+    """``fn`` computed by the torch route (the definition), whatever route the test runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "compiled_op", lambda name, x: None)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizers_equal_the_torch_definition_bit_for_bit(dtype):
+    """Rounding boundaries included: exact halves of alpha / of gamma / 127, zeros, NaN, a row of zeros."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 77, generator=g) * 3).to(dtype)
+    alpha = bitnet.absmean_scale(w)
+    w.view(-1)[:6] = torch.tensor([0.5, -0.5, 1.5, -1.5, 0.0, float("nan")]).to(dtype) * alpha.to(dtype)
+    x = (torch.randn(5, 9, 64, generator=g) * 4).to(dtype)
+    x[0, 0] = 0
+    x[1, 1, 0] = float("nan")
+    x[2, 2, :4] = torch.tensor([0.5, -0.5, 1.5, 127.0]).to(dtype) * x[2, 2].abs().amax() / 127
+    cases = ((lambda t: quantize_weight_ternary(t, alpha), w), (quantize_weight_ternary, w[1:]),
+             (quantize_activation_int8, x), (bitnet.absmean_scale, w[1:, :70]))
+    for fn, arg in cases:
+        got, expected = fn(arg), quantized_by_torch(fn, arg)
+        assert not expected.isnan().all()
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    big = torch.randn(3_000_000, generator=g)  # several fp64 chunks in the compiled sum
+    assert bitnet.abs_sum(big).item() == pytest.approx(big.double().abs().sum().item(), rel=1e-14)
 
 
 def test_ternary_weights_take_three_values_scaled_by_absmean():

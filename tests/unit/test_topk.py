@@ -1,18 +1,9 @@
 import pytest
 import torch
 
-from megatron_qsparse import kernels
-from megatron_qsparse.sparsity import block_topk_mask, kept_count, topk, topk_mask, topk_sparsify
+from megatron_qsparse.sparsity import block_topk_mask, kept_count, topk_mask, topk_sparsify
 
-
-@pytest.fixture(autouse=True, params=["compiled", "torch"])
-def selection_route(request, monkeypatch):
-    """Every test runs through the compiled CPU selection and through the torch route."""
-    if request.param == "torch":
-        monkeypatch.setattr(topk, "compiled_topk_mask", lambda: None)
-    elif kernels.backend() != "cpp":
-        pytest.skip("the CPU kernels could not be built here")
-    return request.param
+pytestmark = pytest.mark.usefixtures("cpu_route")  # every test: compiled CPU ops, then the torch route
 
 
 def reference_mask(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -236,6 +236,32 @@ def test_decode_layer_sparse_step_equals_masked_dense_step():
     assert_matches(sparse, DecodeLayer(shape, masked, batch=2)(x), torch.float32)
 
 
+def test_decode_layer_dense_step_equals_a_plain_decoder_layer():
+    """The benchmark's step is a real decoder layer: RMSNorm, GQA attention over the cache plus the new token,
+    residuals, GLU MLP, written out here op by op."""
+    from megatron_qsparse.inference.decode_layer import DecodeLayer, LayerShape, dense_projections, random_weights
+    from megatron_qsparse.sparsity.activations import activation_by_name
+
+    shape = LayerShape(hidden=64, ffn=96, heads=8, kv_heads=2, head_dim=8, activation="relu2")
+    weights = random_weights(shape, torch.float32)
+    layer = DecodeLayer(shape, dense_projections(weights), batch=2, kv_cache_len=5)
+    keys, values = layer.keys.clone(), layer.values.clone()
+    x = torch.randn(2, 64)
+    got = layer(x)
+
+    def norm(t):
+        return t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+
+    q, k, v = (norm(x) @ weights["qkv"].T).split([64, 16, 16], -1)
+    keys[:, :, -1], values[:, :, -1] = k.view(2, 2, 8), v.view(2, 2, 8)
+    keys, values = keys.repeat_interleave(4, dim=1), values.repeat_interleave(4, dim=1)  # 4 query heads per KV
+    scores = (q.view(2, 8, 1, 8) @ keys.transpose(-1, -2)) / 8 ** 0.5
+    h = x + (scores.softmax(-1) @ values).reshape(2, 64) @ weights["proj"].T
+    gate, up = (norm(h) @ weights["fc1"].T).chunk(2, -1)
+    expected = h + (activation_by_name("relu2")(gate) * up) @ weights["fc2"].T
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # ---- topk_mask's CPU selections (compiled; kthvalue + tie break) equal the sort-based version ----------------
 def sorted_topk_mask(x, k):
     """topk_mask as first written: the k-th value from a sorted topk, ties broken for every row."""

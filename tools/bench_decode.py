@@ -2,7 +2,9 @@
 
     python tools/bench_decode.py           # paper 7B (ReLU² GLU, MHA) and Mistral-7B (SwiGLU, GQA) layers,
                                            # fp32 and bf16, sparsity 0.4 / 0.5 / 0.6 / 0.7 (a few minutes)
-    python tools/bench_decode.py --quick   # 7B, fp32, sparsity 0.5 / 0.6, 5 repeats (CI smoke)
+    python tools/bench_decode.py --quick   # 7B, fp32, sparsity 0.5 / 0.6, 5 repeats; generate() of a
+                                           # 4-layer 300M-shaped model, 16 tokens, 2 repeats (CI smoke)
+    python tools/bench_decode.py --generate  # only the whole-model generate() section
     python tools/bench_decode.py --json    # the same as JSON on stdout
 
 Per shape, dtype and sparsity s, each projection (qkv, proj, fc1 = gate+up, fc2 = down) and one whole decoder
@@ -19,8 +21,23 @@ cannot inflate it; ``vs-torch`` = dense-torch / sparse. ``of-limit`` = speedup �
 of the memory-bound limit 1 / (1 - s). ``rows`` is the fraction of Wᵀ's rows a call reads (the union over the
 batch for ``--batch`` > 1). Inputs and weights are random (weights N(0, 1/in)).
 
-Not measured: tokens/s of a whole small model through a decode loop; it needs the Hugging Face model import
-(another issue) and is left to it.
+Whole model (``--generate`` runs only this section, ``--no-generate`` skips it; both run by default): tokens/s of
+greedy ``generate()`` of the Hugging Face model (``megatron_qsparse.hf``) with random weights in the paper's 300M
+shape (24 layers, hidden 1024, 16 heads, ReLU²-GLU 2730, vocab 32000, untied LM head; ``--gen-layers`` changes the
+depth), a fixed prompt of ``--prompt-tokens`` (32) and exactly ``--new-tokens`` (64) new tokens (``min_new_tokens``
+too, so every run decodes the same count), KV cache on, the same weights three ways, taking turns, medians of
+``--gen-repeats`` (3):
+
+  dense    the model at sparsity 0 (F.linear everywhere)
+  masked   Q-Sparse at s on all four sites, the default path: ``F.linear(topk_sparsify(x), W)``
+  kernel   the same at s with ``generate(..., use_sparse_kernel=True)``: every call of ≤ 64 tokens (the prompt
+           and each decode step) through ``topk_linear``, reading only the kept rows of Wᵀ
+
+tokens/s = new tokens / wall time of the whole call (prefill included). dense and masked run on one copy of the
+weights in the usual [out, in] layout, kernel on a second copy that its first call re-lays out input-major.
+``agree``: how many of the first new tokens masked and kernel share. Their logits differ only by the summation
+order (fp32: ~1e-6 of the largest), but random weights give near-tied logits and a chaotic model: one flipped
+pick and the rest of the text differs. (bf16: the masked path itself is as far from its own fp32 computation.)
 """
 
 import argparse
@@ -34,9 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")  # megatron-core's notices about apex / TransformerEngine
 
+import copy  # noqa: E402
+
 import torch  # noqa: E402
 
 from bench_timing import CacheEvictor, interleaved_medians, machine  # noqa: E402
+from megatron_qsparse.hf.convert import hf_config_from  # noqa: E402
+from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM, SiteLinear  # noqa: E402
 from megatron_qsparse.inference import SparseDecodeLinear, backend  # noqa: E402
 from megatron_qsparse.inference.decode_layer import (  # noqa: E402
     DecodeLayer,
@@ -50,6 +71,7 @@ from megatron_qsparse.model import preset  # noqa: E402
 SHAPES = {"7b": "7b", "mistral-7b": "mistral-7b"}  # bench name -> model preset
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GOALS = {0.5: 1.8, 0.6: 2.2}  # per-layer speedup the issue asks for at these sparsities
+GENERATE_PRESET = "300m"  # the whole-model section's shape
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,9 +86,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per variant (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--generate", action="store_true", help="only the whole-model generate() section")
+    parser.add_argument("--no-generate", action="store_true", help="skip the whole-model generate() section")
+    parser.add_argument("--gen-layers", type=int, default=24, help="layers of the 300M-shaped model (default 24)")
+    parser.add_argument("--gen-sparsities", nargs="+", type=float, default=[0.5, 0.6])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--gen-repeats", type=int, default=3, help="timed generate() calls per variant")
     args = parser.parse_args(argv)
+    if args.generate and args.no_generate:
+        parser.error("--generate and --no-generate exclude each other")
     if args.quick:
         args.shapes, args.dtypes, args.sparsities, args.warmup, args.repeats = ["7b"], ["fp32"], [0.5, 0.6], 2, 5
+        args.gen_layers, args.new_tokens, args.gen_repeats = 4, 16, 2
     return args
 
 
@@ -125,6 +157,66 @@ def bench_shape_dtype(shape_name: str, dtype_name: str, args) -> List[dict]:
     return rows
 
 
+def generate_model(dtype: torch.dtype, layers: int) -> QSparseForCausalLM:
+    """The Hugging Face model in the paper's 300M shape (``layers`` deep), random weights, dense until
+    ``set_site_sparsity``."""
+    torch.manual_seed(0)
+    config = hf_config_from(preset(GENERATE_PRESET, [f"num_layers={layers}"]))
+    return QSparseForCausalLM(config).to(dtype).eval()
+
+
+def set_site_sparsity(model: QSparseForCausalLM, sparsity: float) -> None:
+    """The same ratio at all four sites of every layer (cheap: the weights are untouched)."""
+    model.config.sparsity = {site: sparsity for site in model.config.sparsity}
+    for module in model.modules():
+        if isinstance(module, SiteLinear):
+            module.sparsity = sparsity
+
+
+def generate_calls(models: Dict[str, QSparseForCausalLM], sparsity: float, prompt: torch.Tensor, new_tokens: int,
+                   outputs: dict) -> dict:
+    """One greedy generate() of exactly ``new_tokens`` per variant; each call stores its ids in ``outputs``."""
+    variants = {"dense": (models["natural"], 0.0, False), "masked": (models["natural"], sparsity, False),
+                "kernel": (models["kernel"], sparsity, True)}
+
+    def call(name, model, ratio, kernel):
+        set_site_sparsity(model, ratio)
+        outputs[name] = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       do_sample=False, use_cache=True, pad_token_id=0, use_sparse_kernel=kernel)
+
+    return {name: (lambda name=name, v=v: call(name, *v)) for name, v in variants.items()}
+
+
+def bench_generate_dtype(dtype_name: str, args) -> List[dict]:
+    """Rows (one per sparsity) of generate() tokens/s: dense, masked and kernel, interleaved."""
+    progress(f"generate {dtype_name}: building the {GENERATE_PRESET}-shaped model ({args.gen_layers} layers)")
+    natural = generate_model(DTYPES[dtype_name], args.gen_layers)
+    models = {"natural": natural, "kernel": copy.deepcopy(natural)}
+    prompt = torch.randint(0, natural.config.vocab_size, (1, args.prompt_tokens),
+                           generator=torch.Generator().manual_seed(3))
+    rows = []
+    for sparsity in args.gen_sparsities:
+        progress(f"generate {dtype_name}: sparsity {sparsity}")
+        outputs = {}
+        for warm in generate_calls(models, sparsity, prompt, 2, outputs).values():
+            warm()  # compiles the kernel, re-lays out the kernel copy's weights
+        times = interleaved_medians(generate_calls(models, sparsity, prompt, args.new_tokens, outputs), 0,
+                                    args.gen_repeats)
+        rate = {name: args.new_tokens / (ms / 1e3) for name, ms in times.items()}
+        rows.append({"dtype": dtype_name, "sparsity": sparsity, "dense_tokens_per_s": rate["dense"],
+                     "masked_tokens_per_s": rate["masked"], "kernel_tokens_per_s": rate["kernel"],
+                     "kernel_vs_dense": rate["kernel"] / rate["dense"],
+                     "kernel_vs_masked": rate["kernel"] / rate["masked"],
+                     "agreeing_tokens": agreeing_prefix(outputs["masked"], outputs["kernel"], args.prompt_tokens)})
+    return rows
+
+
+def agreeing_prefix(a: torch.Tensor, b: torch.Tensor, prompt_tokens: int) -> int:
+    """How many of the first new tokens two greedy generations share."""
+    differ = (a[0, prompt_tokens:] != b[0, prompt_tokens:]).nonzero()
+    return int(differ[0]) if differ.numel() else a.shape[1] - prompt_tokens
+
+
 def goal_checks(rows: List[dict]) -> List[dict]:
     checks = []
     for row in rows:
@@ -136,10 +228,33 @@ def goal_checks(rows: List[dict]) -> List[dict]:
 
 
 def print_table(report: dict) -> None:
-    m, c = report["machine"], report["config"]
+    m = report["machine"]
     print(f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['cpu_capability']}), "
-          f"{m['torch_threads']} threads, load {m['load_average_1min']} (1 min) at start")
-    print(f"gather kernel: {c['backend']}; batch {c['batch']}; KV cache {c['kv_cache']}; "
+          f"{m['torch_threads']} threads, load {m['load_average_1min']} (1 min) at start; "
+          f"gather kernel: {report['config']['backend']}")
+    if report["results"]:
+        print_layer_table(report)
+    if "generate" in report:
+        print_generate_table(report["generate"])
+
+
+def print_generate_table(section: dict) -> None:
+    c = section["config"]
+    print(f"\ngenerate(): {c['shape']}, {c['layers']} layers; prompt {c['prompt_tokens']}, {c['new_tokens']} new "
+          f"tokens, greedy, KV cache; median of {c['repeats']} interleaved calls (tokens/s)")
+    header = (f"{'dtype':<6}{'s':>5}{'dense':>9}{'masked':>9}{'kernel':>9}{'kernel/dense':>14}{'kernel/masked':>15}"
+              f"{'agree':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in section["results"]:
+        print(f"{r['dtype']:<6}{r['sparsity']:>5.2f}{r['dense_tokens_per_s']:>9.2f}{r['masked_tokens_per_s']:>9.2f}"
+              f"{r['kernel_tokens_per_s']:>9.2f}{r['kernel_vs_dense']:>13.2f}x{r['kernel_vs_masked']:>14.2f}x"
+              f"{r['agreeing_tokens']:>8}")
+
+
+def print_layer_table(report: dict) -> None:
+    c = report["config"]
+    print(f"batch {c['batch']}; KV cache {c['kv_cache']}; "
           f"median of {c['repeats']} interleaved calls after {c['warmup']} warmup")
     for name, shape in c["shapes"].items():
         print(f"shape {name}: {shape}")
@@ -169,10 +284,17 @@ def main(argv=None) -> int:
                    "shapes": {name: LayerShape.from_config(preset(SHAPES[name])).__dict__ for name in args.shapes}},
         "results": [],
     }
-    for shape_name in args.shapes:
-        for dtype_name in args.dtypes:
-            report["results"] += bench_shape_dtype(shape_name, dtype_name, args)
+    if not args.generate:
+        for shape_name in args.shapes:
+            for dtype_name in args.dtypes:
+                report["results"] += bench_shape_dtype(shape_name, dtype_name, args)
     report["goals"] = goal_checks(report["results"])
+    if not args.no_generate:
+        report["generate"] = {
+            "config": {"shape": GENERATE_PRESET, "layers": args.gen_layers, "prompt_tokens": args.prompt_tokens,
+                       "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
+                       "sparsities": args.gen_sparsities, "dtypes": args.dtypes},
+            "results": [row for dtype_name in args.dtypes for row in bench_generate_dtype(dtype_name, args)]}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -1,5 +1,11 @@
 """Hugging Face configuration of a Q-Sparse model. Its own ``model_type`` ("qsparse"): no stock transformers
-class loads it, so an export can never be run dense by accident."""
+class loads it, so an export can never be run dense by accident.
+
+``use_sparse_kernel`` (default False) is a runtime switch, not part of the model: decode through the compiled
+sparse kernel of ``megatron_qsparse.inference`` (needs the package installed). It is set at load time
+(``from_pretrained(path, trust_remote_code=True, use_sparse_kernel=True)``) and never written to config.json, so
+an export reads the same wherever it is loaded.
+"""
 
 from transformers import PretrainedConfig
 
@@ -33,6 +39,7 @@ class QSparseHFConfig(PretrainedConfig):
         num_experts_per_tok=2,
         moe_intermediate_size=None,
         initializer_range=0.02,
+        use_sparse_kernel=False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -55,4 +62,10 @@ class QSparseHFConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_intermediate_size = moe_intermediate_size or intermediate_size
         self.initializer_range = initializer_range
+        self.use_sparse_kernel = use_sparse_kernel
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def to_dict(self):
+        out = super().to_dict()
+        out.pop("use_sparse_kernel", None)  # this process's choice of route, not a property of the weights
+        return out

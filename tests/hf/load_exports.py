@@ -34,8 +34,14 @@ def main(tokens_path, out_path, *exports):
             refused = False
         except Exception:
             refused = True
+        try:  # the sparse kernel is the package's: must refuse, saying how to get it
+            AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, use_sparse_kernel=True)
+            kernel_refusal = None
+        except ImportError as error:
+            kernel_refusal = str(error)
         results[path] = {"logits": logits, "cached": cached, "uncached": uncached, "dense_logits": dense_logits,
-                         "refused_without_remote_code": refused, "class": type(model).__name__,
+                         "refused_without_remote_code": refused,
+                         "sparse_kernel_refusal": kernel_refusal, "class": type(model).__name__,
                          "model_type": model.config.model_type}
     torch.save(results, out_path)
 

@@ -2,8 +2,9 @@
 only torch and transformers importable: logits equal the megatron model's (fp32, ≤ 2e-5 of the largest logit;
 BitNet: ≥ 97% of the tokens within 1e-4, since TP's other summation order can move an int8 rounding boundary for
 a token; see tests/distributed/test_model_equivalence.py), generate() with the KV cache
-equals generate() without it, the export cannot load as a stock (dense) model, and running the same weights
-dense gives different logits."""
+equals generate() without it, the export cannot load as a stock (dense) model, asking it for the sparse
+decode kernel (``use_sparse_kernel=True``) without the package fails with an ImportError that says to install
+it, and running the same weights dense gives different logits."""
 
 import subprocess
 import sys
@@ -53,5 +54,6 @@ def test_export_reproduces_megatron_logits_and_generates(exported, case):
     assert torch.equal(hf["cached"], hf["uncached"]) and hf["cached"].shape[1] == 6 + 8
     assert hf["class"] == "QSparseForCausalLM" and hf["model_type"] == "qsparse"
     assert hf["refused_without_remote_code"]
+    assert "pip install" in (hf["sparse_kernel_refusal"] or "")  # use_sparse_kernel=True needs the package
     if not case.startswith("dense"):
         assert (hf["dense_logits"] - hf["logits"]).abs().max() > 1e-2 * scale  # its sparsity is really applied

@@ -19,6 +19,7 @@ tens of microseconds; one op instead saves 0.3-0.6 ms per projection (4096→409
 selection is the one the training forward uses on CPU (a bucket histogram, then nth_element on one bucket).
 """
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -31,6 +32,7 @@ MAX_KERNEL_BATCH = 64
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # of the weight and the input; others take the torch route
 
 
+@functools.lru_cache(maxsize=None)
 def load_kernel() -> Optional[Callable]:
     """The compiled ``topk_linear`` op; None where the project's CPU ops cannot be built."""
     ops = kernels.load()

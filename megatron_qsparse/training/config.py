@@ -156,11 +156,10 @@ class TrainConfig:
              f"{p.tp * p.pp} processes or change the layout")
         dp = self.data_parallel_size(world_size)
         need(p.ep == 1 or dp % p.ep == 0, "parallel.ep", f"must divide the data-parallel size {dp}")
-        # megatron-core marks expert weights `allreduce=False` under EP; DeepSpeed's ZeRO then expects its own
-        # MoE layers and groups. Until that bridge exists, experts train replicated over data parallelism.
-        need(p.ep == 1, "parallel.ep", "expert parallelism is not supported by the DeepSpeed ZeRO trainer yet "
-             "(the model itself runs and is tested under EP); use parallel.ep=1, experts then train replicated "
-             "over data-parallel ranks")
+        need(p.ep == 1 or self.model.num_experts, "parallel.ep", "expert parallelism needs experts: set "
+             "model.num_experts or parallel.ep=1")
+        need(p.ep == 1 or (self.model.num_experts or 0) % p.ep == 0, "parallel.ep",
+             f"must divide model.num_experts ({self.model.num_experts})")
         try:
             self.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp)
         except ValueError as err:

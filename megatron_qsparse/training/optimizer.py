@@ -8,10 +8,13 @@ client optimizer (no JIT-built kernels needed). LR and weight decay are set on t
 each step (see ``schedules.py``).
 """
 
+import contextlib
 import os
-from typing import List
+from typing import List, Set
 
 import torch
+
+EXPERT_GROUP = "megatron_experts"  # DeepSpeed's name for megatron-core's expert data-parallel group
 
 
 class MegatronMPU:
@@ -70,15 +73,59 @@ def init_deepspeed_comm() -> None:
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
+def expert_parameters(model: torch.nn.Module) -> Set[torch.nn.Parameter]:
+    """Expert weights sharded by expert parallelism: megatron-core marks them ``allreduce=False`` (their gradients
+    are reduced over the expert-data-parallel group, the ranks that hold the same experts)."""
+    return {p for p in model.parameters() if not getattr(p, "allreduce", True)}
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
-    """Weight decay on matrices only (not on norms and biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "decays": True},
-              {"params": no_decay, "weight_decay": 0.0, "decays": False}]
+    """Weight decay on matrices only (not on norms and biases); expert-parallel weights in groups of their own,
+    marked as DeepSpeed MoE groups so that ZeRO partitions and reduces them over the expert-data-parallel group."""
+    experts = expert_parameters(model)
+    groups = []
+    for moe in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (p in experts) == moe]
+        for decays in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decays]
+            group = {"params": chosen, "weight_decay": weight_decay if decays else 0.0, "decays": decays}
+            if moe:
+                group.update(moe=True, name=EXPERT_GROUP)
+            groups.append(group)
     return [g for g in groups if g["params"]]
+
+
+@contextlib.contextmanager
+def deepspeed_sees_megatron_experts(model: torch.nn.Module):
+    """Expert parallelism under DeepSpeed ZeRO: DeepSpeed handles MoE parameters (its ``allreduce=False`` test is
+    megatron's marking) only for its own MoE layers and expert groups. Register megatron-core's expert-parallel
+    and expert-data-parallel groups under one DeepSpeed group name, name it on the expert weights, and let the
+    engine's MoE-layer detection, while it initializes, also match megatron's ``MoELayer``."""
+    experts = expert_parameters(model)
+    if not experts:
+        yield
+        return
+    from deepspeed.runtime import engine as ds_engine
+    from deepspeed.utils import groups
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for table, ranks, group in ((groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                                 ps.get_expert_model_parallel_group()),
+                                (groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+                                 ps.get_expert_data_parallel_group())):
+        table[EXPERT_GROUP], ranks[EXPERT_GROUP] = group, torch.distributed.get_process_group_ranks(group)
+    for p in experts:
+        p.group_name = EXPERT_GROUP
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.num_experts = module.config.num_moe_experts  # the attribute DeepSpeed's detection reads
+    detected = ds_engine.MoE
+    ds_engine.MoE = (detected, MoELayer)  # an isinstance() target during deepspeed.initialize only
+    try:
+        yield
+    finally:
+        ds_engine.MoE = detected
 
 
 def build_engine(model, *, lr, betas, eps, weight_decay, clip_grad, zero_stage, micro_batch_size,
@@ -106,6 +153,7 @@ def build_engine(model, *, lr, betas, eps, weight_decay, clip_grad, zero_stage, 
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=MegatronMPU(),
-                                      dist_init_required=False)
+    with deepspeed_sees_megatron_experts(model):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=MegatronMPU(),
+                                          dist_init_required=False)
     return engine

@@ -37,7 +37,8 @@ def config(tmp_path, **sections):
     (["parallel.pp=2"], 2, "tied embeddings are not supported with pipeline parallelism"),
     (["train.mode=continue"], 1, "set train.init_from"),
     (["schedule.kind=linear"], 1, "is not one of cosine, polynomial, two_stage"),
-    (["model.num_experts=4", "parallel.ep=2"], 2, "expert parallelism is not supported by the DeepSpeed"),
+    (["parallel.ep=2"], 2, "expert parallelism needs experts"),
+    (["model.num_experts=3", "parallel.ep=2"], 2, r"must divide model.num_experts \(3\)"),
 ])
 def test_config_errors_name_the_key(tmp_path, overrides, world, message):
     with pytest.raises(ConfigError, match=message):

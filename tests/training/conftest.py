@@ -59,3 +59,15 @@ def metrics(run_dir: Path) -> list:
 
 def losses(run_dir: Path) -> list:
     return [m["loss"] for m in metrics(run_dir)]
+
+
+def assert_same_trajectory(reference_dir: Path, run_dir: Path, steps: int) -> None:
+    """Every step's loss and gradient norm equal the reference run's: within 2e-6 relative at step 1 (same
+    weights, same batch: only the order of sums differs), then 2e-4 on the loss and 2e-3 on the gradient norm
+    (a top-K selection near a tie can flip between layouts and the trajectories drift apart slowly)."""
+    reference, run = metrics(reference_dir), metrics(run_dir)
+    assert len(reference) == len(run) == steps
+    for key, first_tol, tol in (("loss", 2e-6, 2e-4), ("grad_norm", 2e-6, 2e-3)):
+        for step, (a, b) in enumerate(zip(reference, run), 1):
+            bound = (first_tol if step == 1 else tol) * abs(a[key])
+            assert abs(a[key] - b[key]) <= bound, f"{run_dir.name} step {step} {key}: {b[key]} vs {a[key]}"

@@ -23,13 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_qsparse.inference.gather_kernel import (
-    KERNEL_DTYPES,
-    MAX_KERNEL_BATCH,
-    compiled_topk_linear,
-    kernel_applies,
-    load_kernel,
-)
+from megatron_qsparse.inference.gather_kernel import compiled_topk_linear, kernel_applies
 from megatron_qsparse.sparsity.topk import block_topk_mask, check_sparsity, kept_count, topk_mask
 
 
@@ -111,13 +105,12 @@ class SparseDecodeLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # At decode, with the caches cold from the weights streaming by, every Python-level call costs 5-20 us
-        # (measured: 50-75 us per projection through topk_linear's checks): the compiled op is called directly.
+        # (measured: 50-75 us per projection through topk_linear's checks): the selection arguments are kept.
         tokens = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if tokens.requires_grad:
             tokens = tokens.detach()
-        op = load_kernel() if self.weight_t.dtype in KERNEL_DTYPES and self.weight_t.is_cpu else None
-        if op is not None and tokens.dtype in KERNEL_DTYPES and tokens.shape[0] <= MAX_KERNEL_BATCH:
-            y = op(tokens.contiguous(), self.weight_t, self.bias, *self._kernel_k_segment, None)
+        if kernel_applies(tokens, self.weight_t):
+            y = compiled_topk_linear(tokens, self.weight_t, self.bias, *self._kernel_k_segment)
         else:
             y = topk_linear(tokens, self.weight_t, self.bias, self.sparsity, self.block_size)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)

@@ -141,6 +141,8 @@ def test_other_dtypes_and_large_batches_take_the_torch_route():
     x = torch.randn(gather_kernel.MAX_KERNEL_BATCH + 1, 64)
     assert not gather_kernel.kernel_applies(x, weight.t().contiguous())
     assert_matches(SparseDecodeLinear(weight, 0.5)(x), masked_dense(x, weight, 0.5), torch.float32)
+    assert not gather_kernel.kernel_applies(x[:0], weight.t().contiguous())  # no tokens: the torch route
+    assert SparseDecodeLinear(weight, 0.5)(x[:0]).shape == (0, 24)
     y = SparseDecodeLinear(weight.half(), 0.5)(x[:2].half())
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.float(), masked_dense(x[:2].half(), weight.half(), 0.5), rtol=1e-2, atol=1e-2)

@@ -41,7 +41,6 @@ pick and the rest of the text differs. (bf16: the masked path itself is as far f
 """
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -55,7 +54,7 @@ import copy  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench_timing import CacheEvictor, interleaved_medians, machine  # noqa: E402
+from bench_timing import CacheEvictor, interleaved_medians, machine, machine_line, print_report  # noqa: E402
 from megatron_qsparse.hf.convert import hf_config_from  # noqa: E402
 from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM, SiteLinear  # noqa: E402
 from megatron_qsparse.inference import SparseDecodeLinear, backend  # noqa: E402
@@ -229,9 +228,7 @@ def goal_checks(rows: List[dict]) -> List[dict]:
 
 def print_table(report: dict) -> None:
     m = report["machine"]
-    print(f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['cpu_capability']}), "
-          f"{m['torch_threads']} threads, load {m['load_average_1min']} (1 min) at start; "
-          f"gather kernel: {report['config']['backend']}")
+    print(f"{machine_line(m)}; gather kernel: {report['config']['backend']}")
     if report["results"]:
         print_layer_table(report)
     if "generate" in report:
@@ -295,11 +292,7 @@ def main(argv=None) -> int:
                        "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
                        "sparsities": args.gen_sparsities, "dtypes": args.dtypes},
             "results": [row for dtype_name in args.dtypes for row in bench_generate_dtype(dtype_name, args)]}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
+    return print_report(report, args.json, print_table)
 
 
 if __name__ == "__main__":

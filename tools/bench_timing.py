@@ -1,5 +1,6 @@
 """What the benchmark tools share: a description of the machine and interleaved median timing."""
 
+import json
 import os
 import platform
 import statistics
@@ -30,6 +31,21 @@ def machine() -> dict:
         # Other work on the machine skews wall-clock times; the load says how busy it was.
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
+
+
+def machine_line(m: dict) -> str:
+    """The machine of a report, in one line for the tables."""
+    return (f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['cpu_capability']}), "
+            f"{m['torch_threads']} threads, load {m['load_average_1min']} (1 min) at start")
+
+
+def print_report(report: dict, as_json: bool, print_table: Callable[[dict], None]) -> int:
+    """The report as JSON on stdout, or as the tool's table; the tool's exit status (0)."""
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
 
 
 def interleaved_medians(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int,

@@ -13,7 +13,6 @@ every variant uses the next multiple (2752, 5472). Times are medians of interlea
 """
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -29,7 +28,7 @@ warnings.filterwarnings("ignore")  # megatron-core's notices about apex / Transf
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench_timing import interleaved_medians, machine  # noqa: E402
+from bench_timing import interleaved_medians, machine, machine_line, print_report  # noqa: E402
 from megatron_qsparse.model import preset  # noqa: E402
 from megatron_qsparse.model.gpt import build_gpt_model  # noqa: E402
 from megatron_qsparse.parallel import cpu_compat  # noqa: E402
@@ -115,8 +114,7 @@ def single_process_group() -> None:
 
 def print_table(report: dict) -> None:
     m, c = report["machine"], report["config"]
-    print(f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['cpu_capability']}), "
-          f"{m['torch_threads']} threads, load {m['load_average_1min']} (1 min) at start")
+    print(machine_line(m))
     print(f"one decoder layer, forward + backward, fp32, {c['micro_batch']} x {c['seq']} tokens; "
           f"median of {c['repeats']} interleaved steps after {c['warmup']} warmup")
     header = f"{'shape':<7}{'hidden':>7}{'ffn':>6}{'heads':>6}  {'variant':<20}{'step':>12}{'vs dense':>10}  goal"
@@ -143,11 +141,7 @@ def main(argv=None) -> int:
     finally:
         destroy_model_parallel()
         dist.destroy_process_group()
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
+    return print_report(report, args.json, print_table)
 
 
 if __name__ == "__main__":

@@ -226,10 +226,18 @@ void select_segments(const X* x, int64_t segments, int64_t segment, int64_t k, b
   });
 }
 
-void check_input(const at::Tensor& x, int64_t segment) {
+template <typename X>
+const X* typed(const at::Tensor& x) { return reinterpret_cast<const X*>(x.data_ptr()); }
+
+// The ops' elementwise inputs: contiguous float32 or bfloat16 on the CPU.
+void check_float_input(const at::Tensor& x) {
   TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() &&
               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x: a contiguous float32 or bfloat16 CPU tensor");
+              "a contiguous float32 or bfloat16 CPU tensor");
+}
+
+void check_input(const at::Tensor& x, int64_t segment) {
+  check_float_input(x);
   TORCH_CHECK(x.dim() >= 1 && segment > 0 && x.size(-1) % segment == 0, "segment must divide the input size");
 }
 
@@ -238,7 +246,7 @@ void select_into(const at::Tensor& x, int64_t k, int64_t segment, bool* keep) {
   if (x.scalar_type() == at::kFloat) {
     select_segments(x.data_ptr<float>(), segments, segment, k, keep);
   } else {
-    select_segments(reinterpret_cast<const uint16_t*>(x.data_ptr()), segments, segment, k, keep);
+    select_segments(typed<uint16_t>(x), segments, segment, k, keep);
   }
 }
 
@@ -278,7 +286,7 @@ const float* as_float(const at::Tensor& x) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   thread_local std::vector<float> converted;
   converted.resize(x.numel());
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* bits = typed<uint16_t>(x);
   for (int64_t i = 0; i < x.numel(); ++i) converted[i] = widen(bits[i]);
   return converted.data();
 }
@@ -339,14 +347,6 @@ at::Tensor topk_linear(const at::Tensor& x, const at::Tensor& weight_t, const st
 inline void store(float* out, int64_t i, float v) { out[i] = v; }
 inline void store(c10::BFloat16* out, int64_t i, float v) { out[i] = c10::BFloat16(v); }  // nearest even
 
-template <typename X>
-const X* typed(const at::Tensor& x) { return reinterpret_cast<const X*>(x.data_ptr()); }
-
-void check_quantizer_input(const at::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() &&
-              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "a contiguous float32 or bfloat16 CPU tensor");
-}
 
 // sum |x[0:n]| in fp64 (four lanes, then added).
 template <typename X>
@@ -371,7 +371,7 @@ double abs_sum_span(const X* x, int64_t n) {
 
 // sum |w| in fp64 over fixed chunks added in order: the same value whatever the thread count.
 at::Tensor abs_sum(const at::Tensor& w) {
-  check_quantizer_input(w);
+  check_float_input(w);
   constexpr int64_t kChunk = 1 << 16;
   const int64_t n = w.numel(), chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(chunks, 0.0);
@@ -419,7 +419,7 @@ at::Tensor map_like(const at::Tensor& x, Body body) {
 
 // RoundClip(w / alpha, -1, 1) * alpha, in w's dtype (alpha: fp32, one element).
 at::Tensor ternary(const at::Tensor& w, const at::Tensor& alpha) {
-  check_quantizer_input(w);
+  check_float_input(w);
   TORCH_CHECK(alpha.scalar_type() == at::kFloat && alpha.numel() == 1, "alpha: one float32");
   const float a = alpha.item<float>();
   return map_like(w, [&](auto* in, auto* out) {
@@ -432,7 +432,7 @@ at::Tensor ternary(const at::Tensor& w, const at::Tensor& alpha) {
 // Per row of x [rows, d]: RoundClip(x * (127 / gamma), -128, 127) * (gamma / 127), in x's dtype (gamma: fp32,
 // one per row).
 at::Tensor int8_levels(const at::Tensor& x, const at::Tensor& gamma) {
-  check_quantizer_input(x);
+  check_float_input(x);
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
   TORCH_CHECK(gamma.scalar_type() == at::kFloat && gamma.is_contiguous() && gamma.numel() == rows,
               "gamma: contiguous float32, one per row of x");

@@ -3,10 +3,13 @@ shared ``corpus`` fixture (tests/conftest.py), and read what it wrote."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -51,6 +54,33 @@ def run_training(config: Path, nproc: int = 1, overrides=(), timeout: float = 30
     proc = subprocess.run(command(config, nproc, overrides), cwd=REPO, env=environment(), capture_output=True,
                           text=True, timeout=timeout)
     return proc
+
+
+def start(config: Path, nproc: int = 1, overrides=()) -> subprocess.Popen:
+    """The training command in the background, in its own session (as a scheduler starts a job)."""
+    return subprocess.Popen(command(config, nproc, overrides), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and every process under it, as a node failure would (torchrun starts its workers in
+    sessions of their own, so killing its process group would leave them running)."""
+    launcher = psutil.Process(proc.pid)
+    for process in [*launcher.children(recursive=True), launcher]:
+        process.send_signal(signal.SIGKILL)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (exit {proc.returncode}) before the condition: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    kill_tree(proc)
+    raise AssertionError("timed out waiting for the run")
 
 
 def metrics(run_dir: Path) -> list:

@@ -8,14 +8,9 @@ norm, which catches a wrong averaging of the expert gradients). Measured: ≤ 1e
 active (clip 1.0, norms reach 1.1).
 """
 
-import signal
-import subprocess
-import time
-
-import psutil
 import pytest
 
-from training.conftest import (REPO, assert_same_trajectory, command, environment, metrics, run_training,
+from training.conftest import (assert_same_trajectory, kill_tree, metrics, run_training, start, wait_for,
                                write_config)
 
 pytestmark = pytest.mark.slow
@@ -56,15 +51,10 @@ def test_expert_parallel_sigkill_then_resume_is_exact(corpus, tmp_path):
     uninterrupted = run_training(moe_config(corpus, tmp_path, "reference", steps, **settings), nproc, overrides)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     config = moe_config(corpus, tmp_path, "run", steps, **settings)
-    proc = subprocess.Popen(command(config, nproc, overrides), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start(config, nproc, overrides)
     marker = tmp_path / "run" / "checkpoints" / "step_0000003" / "trainer_state.json"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    # torchrun starts its workers in sessions of their own: SIGKILL the whole tree, as a node failure would.
-    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        process.send_signal(signal.SIGKILL)
+    wait_for(marker.exists, proc, timeout=240)
+    kill_tree(proc)
     proc.communicate(timeout=60)
     assert marker.exists(), "no checkpoint at step 3 before the kill"
     assert len(metrics(tmp_path / "run")) < steps, "the run finished before it was killed"

@@ -2,14 +2,11 @@
 and exits 75; a torn checkpoint directory is never picked."""
 
 import json
-import os
 import signal
-import subprocess
-import time
 
 import pytest
 
-from training.conftest import REPO, command, environment, losses, metrics, run_training, write_config
+from training.conftest import kill_tree, losses, metrics, run_training, start, wait_for, write_config
 from megatron_qsparse.training.checkpoint import find_latest, read_trainer_state
 
 pytestmark = pytest.mark.slow
@@ -25,29 +22,11 @@ def reference(corpus, tmp_path_factory):
     return root / "run"
 
 
-def start(config):
-    # Its own session, so that a SIGKILL takes the whole job down (as Slurm does), helper processes included.
-    return subprocess.Popen(command(config), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(condition, proc, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before the condition: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("timed out waiting for the run")
-
-
 def test_sigkill_then_resume_reproduces_uninterrupted_losses(corpus, reference, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", **SETTINGS)
     proc = start(config)
     wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_0000008" / "trainer_state.json").exists(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     interrupted_at = len(metrics(tmp_path / "run"))

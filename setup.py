@@ -13,7 +13,7 @@ setup(
     version="0.1.0",
     description="Q-Sparse (top-K activation sparsity), Block Q-Sparse, BitNet b1.58 and MoE on megatron-core",
     packages=find_packages(include=["megatron_qsparse", "megatron_qsparse.*"]),
-    package_data={"megatron_qsparse.kernels": ["*.cpp"]},  # compiled on first use (megatron_qsparse/kernels)
+    package_data={"megatron_qsparse.kernels": ["*.cpp", "*.h"]},  # compiled on first use (megatron_qsparse/kernels)
     python_requires=">=3.10",
     install_requires=["torch==2.13.0"] + requirements,
     entry_points={

@@ -21,7 +21,10 @@ from typing import List, Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("qsparse_cpu.cpp")
+HERE = Path(__file__).parent
+SOURCES = ("qsparse_cpu.cpp", "engine.cpp")  # compiled into one library
+HEADERS = ("rows.h", "select.h")  # included by both sources
+_LOAD_ERROR: List[str] = []  # why load() returned None, for require()
 
 
 def _compile_flags() -> List[str]:
@@ -50,23 +53,40 @@ def load() -> Optional[object]:
     try:
         from torch.utils import cpp_extension
 
-        source, flags = SOURCE.read_text(), _compile_flags()
-        digest = hashlib.sha1("\n".join([source, *flags, torch.__version__]).encode()).hexdigest()[:12]
+        texts = {name: (HERE / name).read_text() for name in SOURCES + HEADERS}
+        flags = _compile_flags()
+        digest = hashlib.sha1("\n".join([*texts.values(), *flags, torch.__version__]).encode()).hexdigest()[:12]
         name = f"qsparse_cpu_{digest}"
         root = Path(os.environ.get("QSPARSE_KERNEL_DIR", Path.home() / ".cache" / "megatron_qsparse"))
         build_dir = root / name
         build_dir.mkdir(parents=True, exist_ok=True)
-        _write_if_changed(build_dir / SOURCE.name, source)
+        for file, text in texts.items():
+            _write_if_changed(build_dir / file, text)
         if not (build_dir / f"{name}.so").exists():
-            print(f"megatron_qsparse: building the CPU kernels into {build_dir} (once, ~20 s)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(build_dir / SOURCE.name)], build_directory=str(build_dir),
+            print(f"megatron_qsparse: building the CPU kernels into {build_dir} (once, ~40 s)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(build_dir / file) for file in SOURCES],
+                           build_directory=str(build_dir),
                            extra_cflags=flags, extra_ldflags=[f for f in flags if f == "-fopenmp"],
                            is_python_module=False)
         return torch.ops.qsparse
     except Exception as error:  # no compiler, no ninja, read-only home...: stay correct, just slower
+        _LOAD_ERROR.append(f"{type(error).__name__}: {error}")
         warnings.warn(f"megatron_qsparse CPU kernels unavailable ({type(error).__name__}: {error}); using the "
                       "torch routes (same results, slower)")
         return None
+
+
+def require(what: str):
+    """``torch.ops.qsparse`` for a caller that has no torch route (the decode engine): raises RuntimeError
+    saying why the ops could not be built and how to fix it."""
+    ops = load()
+    if ops is None:
+        reason = _LOAD_ERROR[-1] if _LOAD_ERROR else "QSPARSE_KERNELS=0 is set"
+        raise RuntimeError(
+            f"{what} needs the project's compiled CPU kernels, which are unavailable ({reason}). Fix: install a "
+            "C++ compiler (g++) and ninja (`pip install ninja==1.13.2`), unset QSPARSE_KERNELS=0, and make "
+            "~/.cache/megatron_qsparse (or $QSPARSE_KERNEL_DIR) writable")
+    return ops
 
 
 def backend() -> str:

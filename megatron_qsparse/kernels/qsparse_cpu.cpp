@@ -25,81 +25,14 @@
 #include <immintrin.h>
 #endif
 
+#include "rows.h"
+#include "select.h"
+
 namespace {
 
-constexpr int64_t kRowsPerPass = 8;       // rows folded into the accumulators per pass (best of 2, 4, 8, 16)
-constexpr int64_t kAccumulators = 32768;  // fp32 accumulators per thread, 128 KiB in L2 (8K-32K: within 5%)
+using namespace qsparse;
+
 constexpr int64_t kMaxBatch = 64;         // bounds the per-thread partial sums (threads x batch x out floats)
-
-inline float widen(float v) { return v; }
-inline float widen(uint16_t bits) {  // a bfloat16 is the upper half of an fp32
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &word, sizeof f);
-  return f;
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-#endif
-
-// acc[0:width] += sum_u v[u] * row[u][0:width]
-template <int64_t U, typename W>
-inline void fold_rows(const W* const* row, const float* v, int64_t width, float* acc) {
-  int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 scale[U];
-  for (int64_t u = 0; u < U; ++u) scale[u] = _mm256_set1_ps(v[u]);
-  for (; j + 8 <= width; j += 8) {
-    __m256 a = _mm256_loadu_ps(acc + j);
-    for (int64_t u = 0; u < U; ++u) a = _mm256_fmadd_ps(scale[u], load8(row[u] + j), a);
-    _mm256_storeu_ps(acc + j, a);
-  }
-#endif
-  for (; j < width; ++j) {
-    float s = acc[j];
-    for (int64_t u = 0; u < U; ++u) s += v[u] * widen(row[u][j]);
-    acc[j] = s;
-  }
-}
-
-// y[b, :] += sum_i values[b * stride + i] * wt[rows[i], :], in column tiles whose accumulators (batch x tile)
-// stay in L2 while the n rows stream by.
-template <typename W>
-void accumulate_rows(const W* wt, int64_t out_features, const int64_t* rows, int64_t n, const float* values,
-                     int64_t stride, int64_t batch, float* y) {
-  thread_local std::vector<float> acc(kAccumulators);  // per thread, kept across calls: no page faults
-  const int64_t tile = std::max<int64_t>(kAccumulators / batch / 8 * 8, 8);
-  const W* row[kRowsPerPass];
-  float v[kRowsPerPass];
-  for (int64_t t0 = 0; t0 < out_features; t0 += tile) {
-    const int64_t width = std::min(tile, out_features - t0);
-    std::fill(acc.begin(), acc.begin() + batch * width, 0.f);
-    int64_t i = 0;
-    for (; i + kRowsPerPass <= n; i += kRowsPerPass) {
-      for (int64_t u = 0; u < kRowsPerPass; ++u) row[u] = wt + rows[i + u] * out_features + t0;
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t u = 0; u < kRowsPerPass; ++u) v[u] = values[b * stride + i + u];
-        fold_rows<kRowsPerPass>(row, v, width, acc.data() + b * width);
-      }
-    }
-    for (; i < n; ++i) {
-      row[0] = wt + rows[i] * out_features + t0;
-      for (int64_t b = 0; b < batch; ++b) {
-        v[0] = values[b * stride + i];
-        fold_rows<1>(row, v, width, acc.data() + b * width);
-      }
-    }
-    for (int64_t b = 0; b < batch; ++b) {
-      float* yb = y + b * out_features + t0;
-      for (int64_t j = 0; j < width; ++j) yb[j] += acc[b * width + j];
-    }
-  }
-}
 
 // Threads split the rows, each streaming whole rows into its own partial sum, then the partials are added:
 // 3-7% faster at 2 threads than splitting the columns (each thread then reads half of every row).
@@ -125,96 +58,6 @@ void gather_all(const W* wt, int64_t out_features, const int64_t* rows, int64_t 
   });
 }
 
-// |v| as an unsigned integer: ordered like the magnitudes, every NaN above inf (as torch.kthvalue ranks them).
-inline uint32_t magnitude_bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  return bits & 0x7FFFFFFFu;
-}
-constexpr uint32_t kInfinityBits = 0x7F800000u;  // magnitudes above this are NaN
-constexpr int kBucketShift = 20;                  // bucket = exponent and 3 mantissa bits: 8 buckets per octave
-constexpr int64_t kBuckets = int64_t{1} << (31 - kBucketShift);
-constexpr int64_t kSmallSegment = 256;            // shorter segments (Block Q-Sparse) use nth_element directly
-
-struct Selection {
-  uint32_t kth;     // bits of the k-th largest magnitude
-  int64_t greater;  // entries whose bits exceed kth (NaNs included)
-};
-
-// Scratch space of one thread, reused across segments and calls (no allocation per row).
-struct Scratch {
-  std::vector<uint32_t> bits, candidates;
-  std::array<uint32_t, kBuckets> counts;
-};
-
-// The k-th largest of bits[0:size] (1 <= k < size) without sorting: a histogram over the top bits (8 buckets per
-// octave) finds the bucket holding it; only that bucket's entries (a few percent of a real activation row) are
-// copied out and nth_element'd. Every pass over the whole row is branch-free: which bucket or side an entry
-// falls on is a coin flip for the branch predictor (a quickselect such as torch.kthvalue mispredicts on every
-// other element of a fresh row).
-Selection kth_largest(Scratch& s, int64_t size, int64_t k) {
-  const uint32_t* bits = s.bits.data();
-  if (size < kSmallSegment) {
-    s.candidates.assign(bits, bits + size);
-    std::nth_element(s.candidates.begin(), s.candidates.begin() + (k - 1), s.candidates.end(),
-                     std::greater<uint32_t>());
-    const uint32_t kth = s.candidates[k - 1];
-    int64_t greater = 0;
-    for (int64_t i = 0; i < k - 1; ++i) greater += s.candidates[i] > kth;
-    return {kth, greater};
-  }
-  s.counts.fill(0);
-  uint32_t top = 0;
-  for (int64_t i = 0; i < size; ++i) {
-    ++s.counts[bits[i] >> kBucketShift];
-    top = std::max(top, bits[i]);
-  }
-  int64_t bucket = top >> kBucketShift, above = 0;  // entries in buckets above `bucket`
-  for (; above + s.counts[bucket] < k; --bucket) above += s.counts[bucket];
-  const int64_t in_bucket = s.counts[bucket], rank = k - above;  // the answer's rank within its bucket
-  s.candidates.resize(size);
-  uint32_t* out = s.candidates.data();
-  int64_t n = 0;
-  for (int64_t i = 0; i < size; ++i) {
-    out[n] = bits[i];
-    n += (bits[i] >> kBucketShift) == static_cast<uint32_t>(bucket);
-  }
-  std::nth_element(out, out + (rank - 1), out + in_bucket, std::greater<uint32_t>());
-  const uint32_t kth = out[rank - 1];
-  int64_t greater = above;
-  for (int64_t i = 0; i < rank - 1; ++i) greater += out[i] > kth;
-  return {kth, greater};
-}
-
-// The project's top-K rule (megatron_qsparse.sparsity.topk.topk_mask) on one segment of x: the k-th largest
-// |x| (fp32, NaN ranked above everything) is the threshold; every |x| > threshold is kept, then the ties
-// |x| == threshold from the lowest index up, k in all. Comparisons are IEEE: a NaN is never kept, and a NaN
-// threshold keeps nothing. Equality with topk_mask / block_topk_mask is tested on ties, NaN and inf.
-template <typename X>
-void select_topk(const X* x, int64_t size, int64_t k, Scratch& s, bool* keep) {
-  if (k >= size || k <= 0) {
-    std::fill(keep, keep + size, k > 0);
-    return;
-  }
-  s.bits.resize(size);
-  int64_t nans = 0;
-  for (int64_t i = 0; i < size; ++i) {
-    s.bits[i] = magnitude_bits(widen(x[i]));
-    nans += s.bits[i] > kInfinityBits;
-  }
-  const Selection sel = kth_largest(s, size, k);
-  if (sel.kth > kInfinityBits) {
-    std::fill(keep, keep + size, false);
-    return;
-  }
-  int64_t ties = k - (sel.greater - nans);  // NaNs rank above the threshold but are never kept
-  for (int64_t i = 0; i < size; ++i) {
-    const uint32_t m = s.bits[i];
-    const bool tie = m == sel.kth;
-    keep[i] = ((m > sel.kth) & (m <= kInfinityBits)) | (tie & (ties > 0));
-    ties -= tie;
-  }
-}
 
 // The top-k mask of every segment of x (rows of `segment` entries), segments split across threads.
 template <typename X>

@@ -1,0 +1,595 @@
+// The decode engine's core: one whole decoder step of a Q-Sparse model per call, in compiled code.
+// megatron_qsparse/inference/engine.py builds it from a Hugging Face export and drives generation; this file
+// holds no policy, only the arithmetic of megatron_qsparse/hf/modeling_qsparse.py for one token at a time:
+//   embedding -> per layer: norm, QKV (top-K site), RoPE, GQA attention over the KV cache, output projection
+//   (top-K site), residual, norm, gated FFN (two top-K sites; or MoE routed to the top-k experts), residual
+//   -> final norm -> LM head -> sampling.
+// Activations, the KV cache and every sum are fp32; weights are fp32, bfloat16 or (BitNet b1.58) packed ternary.
+// Projections come in three kinds:
+//   kDense    every input channel: y = W x, W row-major [out, in] as exported (dot products, threads split rows)
+//   kGather   Q-Sparse: top-k of x (per segment), then only the kept rows of the input-major Wt [in, out]
+//   kTernary  BitNet b1.58 + Q-Sparse: top-k, int8 absmax levels of the kept entries, then only their rows of
+//             2-bit codes; y = (sum of level * code, exact in int32) * gamma / 127 * alpha
+// A zero input (dropped by the mask, a natural zero of ReLU^2, or an int8 level of 0) never reads its row.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "rows.h"
+#include "select.h"
+
+namespace {
+
+using namespace qsparse;
+
+enum Kind : int64_t { kDense = 0, kGather = 1, kTernary = 2 };
+constexpr float kQuantEps = 1e-5f;  // megatron_qsparse.sparsity.bitnet.EPS: the least absmax scale
+constexpr int64_t kPairsPerFlush = 64;  // 64 row pairs of |level * code| <= 2 * 127 * 2 fit an int16 lane
+
+// body(thread, threads) on `threads` OpenMP threads (one parallel region), or inline.
+template <typename Body>
+void on_threads(int64_t threads, Body&& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(static_cast<int64_t>(omp_get_thread_num()), static_cast<int64_t>(omp_get_num_threads()));
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+inline void barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// Thread t's part [begin, end) of [0, n), cut at multiples of `align`.
+struct Span { int64_t begin, end; };
+inline Span share(int64_t n, int64_t t, int64_t threads, int64_t align = 1) {
+  const int64_t units = (n + align - 1) / align;
+  return {std::min(n, units * t / threads * align), std::min(n, units * (t + 1) / threads * align)};
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+// y[o] = dot(w[o, :], x) for o in [o0, o1): row-major weights, four rows per pass.
+template <typename W>
+void dot_rows(const W* w, int64_t in, const float* x, int64_t o0, int64_t o1, float* y) {
+  int64_t o = o0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; o + 4 <= o1; o += 4) {
+    const W* r[4] = {w + o * in, w + (o + 1) * in, w + (o + 2) * in, w + (o + 3) * in};
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t j = 0;
+    for (; j + 8 <= in; j += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + j);
+      for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(load8(r[u] + j), xv, a[u]);
+    }
+    for (int u = 0; u < 4; ++u) {
+      float s = horizontal_sum(a[u]);
+      for (int64_t jj = j; jj < in; ++jj) s += widen(r[u][jj]) * x[jj];
+      y[o + u] = s;
+    }
+  }
+#endif
+  for (; o < o1; ++o) {
+    float s = 0.f;
+    for (int64_t j = 0; j < in; ++j) s += widen(w[o * in + j]) * x[j];
+    y[o] = s;
+  }
+}
+
+// ---- packed ternary rows ---------------------------------------------------------------------------------------
+// Row r of an input-major ternary weight is `groups` blocks of 32 bytes (128 outputs, the output count padded up);
+// byte b of block g holds the codes (w + 1, in {0, 1, 2}) of outputs 128g + 32j + b, j = 0..3, in bits 2j, 2j+1.
+// Two rows at a time: their codes, interleaved bytewise, times the pair of int8 levels by one maddubs give int16
+// lanes of 2 products each, summed for 64 pairs in int16 (no overflow), then into int32: exact integer sums.
+// The sum is over the codes (w + 1); `sum of levels` is subtracted at the end.
+
+#if defined(__AVX2__) && defined(__FMA__)
+template <int J>
+inline void fold_code_pair(__m256i a, __m256i b, __m256i levels, __m256i* acc) {
+  const __m256i three = _mm256_set1_epi8(3);
+  const __m256i aj = _mm256_and_si256(_mm256_srli_epi16(a, 2 * J), three);
+  const __m256i bj = _mm256_and_si256(_mm256_srli_epi16(b, 2 * J), three);
+  acc[2 * J] = _mm256_add_epi16(acc[2 * J], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(aj, bj), levels));
+  acc[2 * J + 1] = _mm256_add_epi16(acc[2 * J + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(aj, bj), levels));
+}
+
+// acc16 lane order -> outputs: vector 2j (unpacklo) holds outputs 32j + [0, 8) then 32j + [16, 24), vector 2j + 1
+// (unpackhi) 32j + [8, 16) then 32j + [24, 32).
+inline void flush_block(const __m256i* acc16, int32_t* out) {
+  for (int j = 0; j < 4; ++j) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = acc16[2 * j + h];
+      const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+      const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
+      __m256i* p0 = reinterpret_cast<__m256i*>(out + 32 * j + 8 * h);
+      __m256i* p1 = reinterpret_cast<__m256i*>(out + 32 * j + 8 * h + 16);
+      _mm256_storeu_si256(p0, _mm256_add_epi32(_mm256_loadu_si256(p0), lo));
+      _mm256_storeu_si256(p1, _mm256_add_epi32(_mm256_loadu_si256(p1), hi));
+    }
+  }
+}
+#endif
+
+struct alignas(32) Lanes16 { int16_t lane[16]; };  // one AVX2 register of int16 sums, aligned for it
+
+// acc[o] += sum_i levels[i] * code(rows[i], o) for the n rows (acc: groups * 128 int32).
+void ternary_rows(const uint8_t* packed, int64_t groups, const int64_t* rows, const int8_t* levels, int64_t n,
+                  int32_t* acc, std::vector<Lanes16>& scratch) {
+  const int64_t stride = groups * 32;
+#if defined(__AVX2__) && defined(__FMA__)
+  scratch.resize(groups * 8);
+  __m256i* acc16 = reinterpret_cast<__m256i*>(scratch.data());
+  for (int64_t c = 0; c < n; c += 2 * kPairsPerFlush) {
+    std::fill(scratch.begin(), scratch.end(), Lanes16{});
+    const int64_t stop = std::min(n, c + 2 * kPairsPerFlush);
+    for (int64_t i = c; i < stop; i += 2) {
+      const bool pair = i + 1 < stop;
+      const uint8_t* r0 = packed + rows[i] * stride;
+      const uint8_t* r1 = pair ? packed + rows[i + 1] * stride : r0;
+      const uint8_t l0 = static_cast<uint8_t>(levels[i]), l1 = pair ? static_cast<uint8_t>(levels[i + 1]) : 0;
+      const __m256i lv = _mm256_set1_epi16(static_cast<int16_t>(l0 | (l1 << 8)));
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 32 * g));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + 32 * g));
+        __m256i* block = acc16 + 8 * g;
+        fold_code_pair<0>(a, b, lv, block);
+        fold_code_pair<1>(a, b, lv, block);
+        fold_code_pair<2>(a, b, lv, block);
+        fold_code_pair<3>(a, b, lv, block);
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g) flush_block(acc16 + 8 * g, acc + 128 * g);
+  }
+#else
+  (void)scratch;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* r = packed + rows[i] * stride;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t b = 0; b < 32; ++b) {
+        const uint8_t byte = r[32 * g + b];
+        for (int j = 0; j < 4; ++j) acc[128 * g + 32 * j + b] += levels[i] * ((byte >> (2 * j)) & 3);
+      }
+    }
+  }
+#endif
+}
+
+inline float relu2(float g) { const float r = g > 0.f ? g : 0.f; return r * r; }
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+struct Projection {
+  at::Tensor weight, bias;  // bias: fp32 [out] or empty
+  int64_t kind, in, out, k, segment;
+  float alpha;  // kTernary: the weight's absmean scale
+};
+
+struct Layer {
+  at::Tensor norm1_w, norm1_b, norm2_w, norm2_b, router;  // router: fp32 [experts, hidden] or empty (dense FFN)
+  int64_t qkv, o;
+  std::vector<int64_t> ffn;  // (gate_up, down) projection ids, one pair per expert
+};
+
+class Engine : public torch::CustomClassHolder {
+ public:
+  // dims: vocab, hidden, heads, kv_heads, head_dim, layers, max_seq, activation (0 relu2, 1 silu), norm (0 rms,
+  // 1 layer), experts_per_token, threads. scalars: norm epsilon. embed / lm_head: [vocab, hidden] fp32 or bf16
+  // (may be one tensor); rope_cos / rope_sin: fp32 [max_seq, head_dim / 2].
+  Engine(std::vector<int64_t> dims, std::vector<double> scalars, at::Tensor embed, at::Tensor lm_head,
+         at::Tensor final_w, at::Tensor final_b, at::Tensor rope_cos, at::Tensor rope_sin)
+      : embed_(embed), lm_head_(lm_head), final_w_(final_w), final_b_(final_b), cos_(rope_cos), sin_(rope_sin) {
+    TORCH_CHECK(dims.size() == 11 && scalars.size() == 1, "Engine: 11 dims and 1 scalar");
+    vocab_ = dims[0]; hidden_ = dims[1]; heads_ = dims[2]; kv_heads_ = dims[3]; head_dim_ = dims[4];
+    layers_ = dims[5]; max_seq_ = dims[6]; silu_ = dims[7] == 1; layernorm_ = dims[8] == 1;
+    experts_per_token_ = dims[9]; threads_ = std::max<int64_t>(1, dims[10]); eps_ = static_cast<float>(scalars[0]);
+    TORCH_CHECK(heads_ % kv_heads_ == 0 && head_dim_ % 2 == 0, "Engine: heads must be a multiple of kv_heads");
+    for (const at::Tensor* t : {&embed_, &lm_head_}) {
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == vocab_ && t->size(1) == hidden_ && t->is_contiguous() &&
+                  (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16),
+                  "Engine: embedding / LM head must be contiguous fp32 or bf16 [vocab, hidden]");
+    }
+    TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.is_contiguous() && cos_.numel() == max_seq_ * head_dim_ / 2 &&
+                sin_.scalar_type() == at::kFloat && sin_.is_contiguous() && sin_.numel() == cos_.numel(),
+                "Engine: RoPE tables must be contiguous fp32 [max_seq, head_dim / 2]");
+    check_vector(final_w_, hidden_, "final norm weight");
+    if (layernorm_) check_vector(final_b_, hidden_, "final norm bias");
+    const int64_t kv = kv_heads_ * head_dim_;
+    keys_.assign(layers_ * max_seq_ * kv, 0.f);
+    values_.assign(layers_ * max_seq_ * kv, 0.f);
+    x_.resize(hidden_); h_.resize(hidden_); tmp_.resize(hidden_); moe_out_.resize(hidden_);
+    qkv_.resize((heads_ + 2 * kv_heads_) * head_dim_); ctx_.resize(heads_ * head_dim_);
+    scores_.resize(threads_ * max_seq_);
+    logits_ = at::empty({vocab_}, at::TensorOptions().dtype(at::kFloat));
+    rng_.seed(0);
+  }
+
+  int64_t add_projection(at::Tensor weight, at::Tensor bias, int64_t kind, int64_t in, int64_t out, int64_t k,
+                         int64_t segment, double alpha) {
+    TORCH_CHECK(weight.is_contiguous() && weight.device().is_cpu(), "projection weight: contiguous CPU tensor");
+    TORCH_CHECK(segment > 0 && in % segment == 0 && k >= 0 && k <= segment, "projection: bad k / segment");
+    if (kind == kDense) {
+      TORCH_CHECK(weight.dim() == 2 && weight.size(0) == out && weight.size(1) == in, "dense weight: [out, in]");
+    } else if (kind == kGather) {
+      TORCH_CHECK(weight.dim() == 2 && weight.size(0) == in && weight.size(1) == out, "gather weight: [in, out]");
+    } else {
+      TORCH_CHECK(kind == kTernary && weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.size(0) == in &&
+                  weight.size(1) == (out + 127) / 128 * 32, "ternary weight: uint8 [in, ceil(out / 128) * 32]");
+    }
+    TORCH_CHECK(kind == kTernary || weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+                "projection weight: fp32 or bf16");
+    if (bias.numel()) check_vector(bias, out, "projection bias");
+    projections_.push_back({weight, bias, kind, in, out, k, segment, static_cast<float>(alpha)});
+    widest_ = std::max(widest_, std::max(in, out));
+    return static_cast<int64_t>(projections_.size()) - 1;
+  }
+
+  void add_layer(at::Tensor norm1_w, at::Tensor norm1_b, int64_t qkv, int64_t o, at::Tensor norm2_w,
+                 at::Tensor norm2_b, at::Tensor router, std::vector<int64_t> ffn) {
+    TORCH_CHECK(static_cast<int64_t>(stack_.size()) < layers_, "add_layer: all layers added already");
+    check_vector(norm1_w, hidden_, "norm weight");
+    check_vector(norm2_w, hidden_, "norm weight");
+    if (layernorm_) { check_vector(norm1_b, hidden_, "norm bias"); check_vector(norm2_b, hidden_, "norm bias"); }
+    const int64_t experts = router.numel() ? router.size(0) : 1;
+    TORCH_CHECK(static_cast<int64_t>(ffn.size()) == 2 * experts, "add_layer: one (gate_up, down) pair per expert");
+    TORCH_CHECK(!router.numel() || (router.scalar_type() == at::kFloat && router.is_contiguous() &&
+                                    router.size(1) == hidden_ && experts_per_token_ <= experts),
+                "router: contiguous fp32 [experts, hidden]");
+    for (int64_t id : ffn) TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(projections_.size()), "bad projection id");
+    stack_.push_back({norm1_w, norm1_b, norm2_w, norm2_b, router, qkv, o, ffn});
+  }
+
+  void reset() { position_ = 0; }
+  int64_t position() const { return position_; }
+  void seed(int64_t value) { rng_.seed(static_cast<uint64_t>(value)); }
+
+  // One token through the whole model at the next position; returns the logits buffer (fp32 [vocab], reused by
+  // the next call: clone it to keep it).
+  at::Tensor step(int64_t token) {
+    TORCH_CHECK(static_cast<int64_t>(stack_.size()) == layers_, "Engine: add every layer before step()");
+    TORCH_CHECK(token >= 0 && token < vocab_, "token id ", token, " outside the vocabulary [0, ", vocab_, ")");
+    TORCH_CHECK(position_ < max_seq_, "the KV cache is full (", max_seq_, " positions)");
+    embed_row(token);
+    for (int64_t l = 0; l < layers_; ++l) {
+      const Layer& layer = stack_[l];
+      norm(x_.data(), layer.norm1_w, layer.norm1_b, h_.data());
+      project(projections_[layer.qkv], h_.data(), qkv_.data());
+      attend(l);
+      project(projections_[layer.o], ctx_.data(), tmp_.data());
+      for (int64_t i = 0; i < hidden_; ++i) x_[i] += tmp_[i];
+      norm(x_.data(), layer.norm2_w, layer.norm2_b, h_.data());
+      if (layer.router.numel()) moe(layer); else ffn(layer.ffn[0], layer.ffn[1], h_.data(), tmp_.data());
+      for (int64_t i = 0; i < hidden_; ++i) x_[i] += tmp_[i];
+    }
+    norm(x_.data(), final_w_, final_b_, h_.data());
+    float* logits = logits_.data_ptr<float>();
+    with_rows(lm_head_, [&](auto* w) {
+      on_threads(threads_, [&](int64_t t, int64_t n) {
+        const Span s = share(vocab_, t, n, 4);
+        dot_rows(w, hidden_, h_.data(), s.begin, s.end, logits);
+      });
+    });
+    ++position_;
+    return logits_;
+  }
+
+  // A token drawn from `logits` (fp32 [vocab]): argmax (lowest index on ties) when temperature <= 0 or
+  // top_k == 1; else softmax(logits / temperature) restricted to the top_k most likely (top_k <= 0: all), then to
+  // the smallest most-likely set whose probability reaches top_p (top_p >= 1: all), renormalized.
+  int64_t sample(at::Tensor logits, double temperature, int64_t top_k, double top_p) {
+    TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 1,
+                "sample: contiguous fp32 [vocab] logits");
+    const float* l = logits.data_ptr<float>();
+    const int64_t n = logits.numel();
+    if (temperature <= 0 || top_k == 1) return std::max_element(l, l + n) - l;
+    std::vector<int64_t>& order = order_;
+    order.resize(n);
+    std::iota(order.begin(), order.end(), int64_t{0});
+    auto likelier = [l](int64_t a, int64_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); };
+    int64_t m = n;
+    if (top_k > 0 && top_k < n) {
+      std::nth_element(order.begin(), order.begin() + (top_k - 1), order.end(), likelier);
+      m = top_k;
+    }
+    if (top_p < 1.0 || m < n) std::sort(order.begin(), order.begin() + m, likelier);
+    else m = n;
+    const float best = *std::max_element(l, l + n);
+    std::vector<double>& p = probs_;
+    p.resize(m);
+    double total = 0.0;
+    for (int64_t i = 0; i < m; ++i) total += (p[i] = std::exp((static_cast<double>(l[order[i]]) - best) / temperature));
+    if (top_p < 1.0) {
+      double kept = 0.0;
+      int64_t keep = 0;
+      while (keep < m && kept < top_p * total) kept += p[keep++];
+      m = std::max<int64_t>(keep, 1);
+      total = std::accumulate(p.begin(), p.begin() + m, 0.0);
+    }
+    double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
+    for (int64_t i = 0; i < m; ++i) {
+      if ((u -= p[i]) < 0) return order[i];
+    }
+    return order[m - 1];
+  }
+
+ private:
+  static void check_vector(const at::Tensor& t, int64_t size, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == size, what,
+                ": contiguous fp32 of ", size);
+  }
+
+  template <typename Body>
+  static void with_rows(const at::Tensor& w, Body body) {
+    if (w.scalar_type() == at::kFloat) body(w.data_ptr<float>());
+    else body(reinterpret_cast<const uint16_t*>(w.data_ptr()));
+  }
+
+  void embed_row(int64_t token) {
+    with_rows(embed_, [&](auto* w) {
+      for (int64_t i = 0; i < hidden_; ++i) x_[i] = widen(w[token * hidden_ + i]);
+    });
+  }
+
+  // RMSNorm (bias empty) or LayerNorm, as megatron_qsparse.layers.norm_fn.normalize in fp32.
+  void norm(const float* x, const at::Tensor& weight, const at::Tensor& bias, float* out) const {
+    const float* w = weight.data_ptr<float>();
+    const int64_t n = hidden_;
+    if (!layernorm_) {
+      float sq = 0.f;
+      for (int64_t i = 0; i < n; ++i) sq += x[i] * x[i];
+      const float r = 1.f / std::sqrt(sq / n + eps_);
+      for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+      return;
+    }
+    const float* b = bias.data_ptr<float>();
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += x[i];
+    const float mean = sum / n;
+    float var = 0.f;
+    for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float r = 1.f / std::sqrt(var / n + eps_);
+    for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i] + b[i];
+  }
+
+  // The nonzero inputs a projection reads: x's top-k per segment (all of x when k == segment), zeros skipped.
+  void kept_inputs(const Projection& p, const float* x) {
+    keep_.resize(p.in);
+    bool* keep = reinterpret_cast<bool*>(keep_.data());
+    if (p.k < p.segment) {
+      for (int64_t s = 0; s < p.in; s += p.segment) select_topk(x + s, p.segment, p.k, scratch_, keep + s);
+    } else {
+      std::fill(keep, keep + p.in, true);
+    }
+    rows_.resize(p.in);
+    values_in_.resize(p.in);
+    int64_t n = 0;
+    for (int64_t d = 0; d < p.in; ++d) {  // branch-free compaction
+      rows_[n] = d;
+      values_in_[n] = x[d];
+      n += keep[d] & (x[d] != 0.f);
+    }
+    kept_ = n;
+  }
+
+  void project(const Projection& p, const float* x, float* y) {
+    if (p.kind == kDense) {
+      with_rows(p.weight, [&](auto* w) {
+        on_threads(threads_, [&](int64_t t, int64_t n) {
+          const Span s = share(p.out, t, n, 4);
+          dot_rows(w, p.in, x, s.begin, s.end, y);
+        });
+      });
+    } else {
+      kept_inputs(p, x);
+      if (p.kind == kGather) gather_product(p, y); else ternary_product(p, y);
+    }
+    if (p.bias.numel()) {
+      const float* b = p.bias.data_ptr<float>();
+      for (int64_t i = 0; i < p.out; ++i) y[i] += b[i];
+    }
+  }
+
+  // y = sum over the kept rows of value * Wt[row, :]: threads split the rows (each streams whole rows into its
+  // own partial sums), then split the outputs to add the partials.
+  void gather_product(const Projection& p, float* y) {
+    partial_.resize(threads_ * p.out);
+    const int64_t n = kept_;
+    with_rows(p.weight, [&](auto* wt) {
+      on_threads(threads_, [&](int64_t t, int64_t threads) {
+        float* mine = partial_.data() + t * p.out;
+        std::fill(mine, mine + p.out, 0.f);
+        const Span rows = share(n, t, threads, kRowsPerPass);
+        accumulate_rows(wt, p.out, rows_.data() + rows.begin, rows.end - rows.begin, values_in_.data() + rows.begin,
+                        n, 1, mine);
+        barrier();
+        const Span outs = share(p.out, t, threads, 16);
+        for (int64_t i = outs.begin; i < outs.end; ++i) {
+          float sum = 0.f;
+          for (int64_t u = 0; u < threads; ++u) sum += partial_[u * p.out + i];
+          y[i] = sum;
+        }
+      });
+    });
+  }
+
+  // BitNet b1.58: the kept inputs' int8 absmax levels (RoundClip(x * (127 / gamma), -128, 127), gamma the largest
+  // kept |x|, as megatron_qsparse.sparsity.bitnet), then exact integer products with the ternary codes.
+  void ternary_product(const Projection& p, float* y) {
+    float gamma = 0.f;
+    for (int64_t i = 0; i < kept_; ++i) gamma = std::max(gamma, std::fabs(values_in_[i]));
+    gamma = std::max(gamma, kQuantEps);
+    const float by = 127.f / gamma;
+    levels_.resize(kept_);
+    int64_t n = 0, level_sum = 0;
+    for (int64_t i = 0; i < kept_; ++i) {  // drops the entries whose level is 0
+      const float v = std::min(std::max(std::nearbyint(values_in_[i] * by), -128.f), 127.f);
+      rows_[n] = rows_[i];
+      levels_[n] = static_cast<int8_t>(v);
+      level_sum += levels_[n];
+      n += v != 0.f;
+    }
+    const int64_t groups = (p.out + 127) / 128, padded = groups * 128;
+    int_partial_.resize(threads_ * padded);
+    const uint8_t* packed = p.weight.data_ptr<uint8_t>();
+    const float scale = gamma / 127.f * p.alpha;
+    on_threads(threads_, [&](int64_t t, int64_t threads) {
+      int32_t* mine = int_partial_.data() + t * padded;
+      std::fill(mine, mine + padded, 0);
+      thread_local std::vector<Lanes16> scratch;
+      const Span rows = share(n, t, threads, 2);
+      ternary_rows(packed, groups, rows_.data() + rows.begin, levels_.data() + rows.begin, rows.end - rows.begin,
+                   mine, scratch);
+      barrier();
+      const Span outs = share(p.out, t, threads, 16);
+      for (int64_t i = outs.begin; i < outs.end; ++i) {
+        int64_t sum = -level_sum;  // the codes are w + 1
+        for (int64_t u = 0; u < threads; ++u) sum += int_partial_[u * padded + i];
+        y[i] = static_cast<float>(sum) * scale;
+      }
+    });
+  }
+
+  // RoPE on this position's q and k (rotate-half pairs i, i + d/2), k and v into the cache, then softmax
+  // attention of every query head over the cached positions of its key/value head; heads split over threads.
+  void attend(int64_t layer) {
+    const int64_t d = head_dim_, half = d / 2, kv = kv_heads_ * d, pos = position_;
+    const float* c = cos_.data_ptr<float>() + pos * half;
+    const float* s = sin_.data_ptr<float>() + pos * half;
+    float* q = qkv_.data();
+    for (int64_t h = 0; h < heads_ + kv_heads_; ++h) {  // the query heads, then the key heads
+      float* v = q + h * d;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+      }
+    }
+    float* keys = keys_.data() + layer * max_seq_ * kv;
+    float* values = values_.data() + layer * max_seq_ * kv;
+    for (int64_t g = 0; g < kv_heads_; ++g) {  // cache layout [kv head, position, d]
+      std::copy(q + (heads_ + g) * d, q + (heads_ + g + 1) * d, keys + (g * max_seq_ + pos) * d);
+      std::copy(q + (heads_ + kv_heads_ + g) * d, q + (heads_ + kv_heads_ + g + 1) * d,
+                values + (g * max_seq_ + pos) * d);
+    }
+    const float root = static_cast<float>(std::sqrt(static_cast<double>(d)));
+    const int64_t group = heads_ / kv_heads_;
+    on_threads(std::min(threads_, heads_), [&](int64_t t, int64_t threads) {
+      float* score = scores_.data() + t * max_seq_;
+      const Span mine = share(heads_, t, threads);
+      for (int64_t h = mine.begin; h < mine.end; ++h) {
+        const float* qh = q + h * d;
+        const float* kh = keys + (h / group) * max_seq_ * d;
+        const float* vh = values + (h / group) * max_seq_ * d;
+        float best = -INFINITY;
+        for (int64_t p = 0; p <= pos; ++p) {
+          float dot = 0.f;
+          for (int64_t i = 0; i < d; ++i) dot += qh[i] * kh[p * d + i];
+          score[p] = dot / root;
+          best = std::max(best, score[p]);
+        }
+        float total = 0.f;
+        for (int64_t p = 0; p <= pos; ++p) total += (score[p] = std::exp(score[p] - best));
+        float* out = ctx_.data() + h * d;
+        std::fill(out, out + d, 0.f);
+        for (int64_t p = 0; p <= pos; ++p) {
+          const float w = score[p] / total;
+          for (int64_t i = 0; i < d; ++i) out[i] += w * vh[p * d + i];
+        }
+      }
+    });
+  }
+
+  // Gated FFN: act(gate) * up on the gate_up projection's halves, then the down projection.
+  void ffn(int64_t gate_up, int64_t down, const float* x, float* y) {
+    const Projection& gu = projections_[gate_up];
+    const int64_t inter = gu.out / 2;
+    gate_up_.resize(gu.out);
+    mid_.resize(inter);
+    project(gu, x, gate_up_.data());
+    for (int64_t i = 0; i < inter; ++i) {
+      mid_[i] = (silu_ ? silu(gate_up_[i]) : relu2(gate_up_[i])) * gate_up_[inter + i];
+    }
+    project(projections_[down], mid_.data(), y);
+  }
+
+  // MoE: the router (dense input) picks the top-k experts (lowest index on ties); softmax over their logits
+  // weights their outputs, added in expert order.
+  void moe(const Layer& layer) {
+    const int64_t experts = layer.router.size(0);
+    router_logits_.resize(experts);
+    dot_rows(layer.router.data_ptr<float>(), hidden_, h_.data(), 0, experts, router_logits_.data());
+    std::vector<int64_t> chosen(experts);
+    std::iota(chosen.begin(), chosen.end(), int64_t{0});
+    const float* l = router_logits_.data();
+    std::partial_sort(chosen.begin(), chosen.begin() + experts_per_token_, chosen.end(),
+                      [l](int64_t a, int64_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    chosen.resize(experts_per_token_);
+    const float best = l[chosen[0]];
+    std::vector<float> weight(experts_per_token_);
+    float total = 0.f;
+    for (int64_t i = 0; i < experts_per_token_; ++i) total += (weight[i] = std::exp(l[chosen[i]] - best));
+    std::vector<int64_t> by_expert(experts_per_token_);
+    std::iota(by_expert.begin(), by_expert.end(), int64_t{0});
+    std::sort(by_expert.begin(), by_expert.end(), [&](int64_t a, int64_t b) { return chosen[a] < chosen[b]; });
+    std::fill(moe_out_.begin(), moe_out_.end(), 0.f);
+    for (int64_t i : by_expert) {
+      const int64_t e = chosen[i];
+      ffn(layer.ffn[2 * e], layer.ffn[2 * e + 1], h_.data(), tmp_.data());
+      const float w = weight[i] / total;
+      for (int64_t j = 0; j < hidden_; ++j) moe_out_[j] += tmp_[j] * w;
+    }
+    std::copy(moe_out_.begin(), moe_out_.end(), tmp_.begin());
+  }
+
+  int64_t vocab_, hidden_, heads_, kv_heads_, head_dim_, layers_, max_seq_, experts_per_token_, threads_;
+  bool silu_, layernorm_;
+  float eps_;
+  at::Tensor embed_, lm_head_, final_w_, final_b_, cos_, sin_, logits_;
+  std::vector<Projection> projections_;
+  std::vector<Layer> stack_;
+  int64_t position_ = 0, kept_ = 0, widest_ = 0;
+  std::vector<float> keys_, values_, x_, h_, tmp_, moe_out_, qkv_, ctx_, scores_, gate_up_, mid_, partial_,
+      values_in_, router_logits_;
+  std::vector<int32_t> int_partial_;
+  std::vector<int64_t> rows_, order_;
+  std::vector<int8_t> levels_;
+  std::vector<char> keep_;
+  std::vector<double> probs_;
+  Scratch scratch_;
+  std::mt19937_64 rng_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qsparse, m) {
+  m.class_<Engine>("Engine")
+      .def(torch::init<std::vector<int64_t>, std::vector<double>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       at::Tensor, at::Tensor>())
+      .def("add_projection", &Engine::add_projection)
+      .def("add_layer", &Engine::add_layer)
+      .def("reset", &Engine::reset)
+      .def("position", &Engine::position)
+      .def("seed", &Engine::seed)
+      .def("step", &Engine::step)
+      .def("sample", &Engine::sample);
+}

@@ -36,6 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACTIVATIONS = {"relu2": 0, "silu": 1}
 NORMS = {"rmsnorm": 0, "layernorm": 1}
 DENSE, GATHER, TERNARY = 0, 1, 2  # projection kinds of engine.cpp
+PHASES = ("select", "dense_products", "gather_products", "ternary_products", "attention", "lm_head", "step")
 NONE = torch.empty(0)  # an absent optional tensor (bias, LayerNorm bias, router)
 
 
@@ -149,6 +150,15 @@ class Engine:
         max_seq_len = max_seq_len or int(config.get("max_position_embeddings", 2048))
         core = _Builder(config, state, DTYPES[dtype], export_dir, ops).build(max_seq_len, threads)
         return cls(core, config, dtype, threads, max_seq_len)
+
+    def profile(self, reset: bool = False) -> Dict[str, float]:
+        """Seconds per phase of the compiled step since the last reset (``other`` = the step's remainder: norms,
+        embedding, RoPE, activations, residuals, MoE routing)."""
+        seconds = dict(zip(PHASES, self.core.profile()))
+        seconds["other"] = seconds["step"] - sum(v for k, v in seconds.items() if k != "step")
+        if reset:
+            self.core.profile_reset()
+        return seconds
 
     # ---- running -----------------------------------------------------------------------------------------------
     def _check_prompt(self, ids: Sequence[int], new_tokens: int) -> List[int]:

@@ -5,7 +5,8 @@ uses on CPU, via ``megatron_qsparse.sparsity.topk``) and ``torch.ops.qsparse.top
 product of one decode projection, via ``megatron_qsparse.inference``). Its selection is a second implementation
 of the project's top-K rule, tested equal to the torch one (ties, NaN, inf, blocks).
 
-Built on first use (~20 s; AVX2+FMA when torch itself runs AVX2 code here, plain C++ otherwise) into
+Built on first use (~40 s; AVX2+FMA, and AVX-512 for the bf16 rows, where torch itself runs such code here;
+plain C++ otherwise) into
 ``~/.cache/megatron_qsparse`` (or ``$QSPARSE_KERNEL_DIR``), keyed on the source, flags and torch version, and
 reused after. Without a compiler or ninja, or with ``QSPARSE_KERNELS=0``, ``load()`` returns None and callers
 take their torch route: the same results, slower.
@@ -29,8 +30,11 @@ _LOAD_ERROR: List[str] = []  # why load() returned None, for require()
 
 def _compile_flags() -> List[str]:
     flags = ["-O3"]
-    if torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith(("AVX2", "AVX512")):
         flags += ["-mavx2", "-mfma"]
+    if capability.startswith("AVX512"):  # torch's AVX512 level implies F, BW, VL and DQ
+        flags += ["-mavx512f", "-mavx512bw"]
     if torch.backends.openmp.is_available():  # at::parallel_for expands to an OpenMP region in our code
         flags.append("-fopenmp")
     return flags

@@ -13,6 +13,7 @@
 // A zero input (dropped by the mask, a natural zero of ReLU^2, or an int8 level of 0) never reads its row.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -23,6 +24,7 @@
 #include <numeric>
 #include <random>
 #include <vector>
+#include <sys/mman.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -71,6 +73,19 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
+
+// sum a[i] * b[i] over n fp32 entries.
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  s = horizontal_sum(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
 
 // y[o] = dot(w[o, :], x) for o in [o0, o1): row-major weights, one row at a time (four accumulators over
 // consecutive columns). One row streams at the core's full rate; four rows at once read 2-4 KiB apart and ran at
@@ -175,6 +190,20 @@ void ternary_rows(const uint8_t* packed, int64_t groups, const int64_t* rows, co
 #endif
 }
 
+// A copy of t in memory that the kernel may back with 2 MiB pages (madvise; transparent huge pages in "madvise"
+// mode): a gathered row then rarely misses the TLB (bf16 rows of 40% of a 1024 x 3072 Wt, one core: ~+10%).
+at::Tensor on_huge_pages(const at::Tensor& t) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t bytes = t.nbytes(), size = std::max(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+  void* memory = std::aligned_alloc(kHuge, size);
+  TORCH_CHECK(memory != nullptr, "out of memory copying a weight of ", bytes, " bytes");
+#ifdef MADV_HUGEPAGE
+  madvise(memory, size, MADV_HUGEPAGE);
+#endif
+  std::memcpy(memory, t.data_ptr(), bytes);
+  return at::from_blob(memory, t.sizes(), [](void* p) { std::free(p); }, t.options());
+}
+
 inline float relu2(float g) { const float r = g > 0.f ? g : 0.f; return r * r; }
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
@@ -255,7 +284,7 @@ class Engine : public torch::CustomClassHolder {
     TORCH_CHECK(kind == kTernary || weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
                 "projection weight: fp32 or bf16");
     if (bias.numel()) check_vector(bias, out, "projection bias");
-    projections_.push_back({weight, bias, kind, in, out, k, segment, static_cast<float>(alpha)});
+    projections_.push_back({on_huge_pages(weight), bias, kind, in, out, k, segment, static_cast<float>(alpha)});
     widest_ = std::max(widest_, std::max(in, out));
     return static_cast<int64_t>(projections_.size()) - 1;
   }
@@ -443,9 +472,18 @@ class Engine : public torch::CustomClassHolder {
       on_threads(threads_, [&](int64_t t, int64_t threads) {
         float* mine = partial_.data() + t * p.out;
         std::fill(mine, mine + p.out, 0.f);
-        const Span rows = share(n, t, threads, kRowsPerPass);
-        accumulate_rows(wt, p.out, rows_.data() + rows.begin, rows.end - rows.begin, values_in_.data() + rows.begin,
-                        n, 1, mine);
+        // Chunks of 16 rows dealt out in turn: the threads read neighbouring rows at the same time.
+        thread_local std::vector<int64_t> my_rows;
+        thread_local std::vector<float> my_values;
+        my_rows.clear();
+        my_values.clear();
+        for (int64_t c = t * 16; c < n; c += threads * 16) {
+          const int64_t e = std::min(n, c + 16);
+          my_rows.insert(my_rows.end(), rows_.begin() + c, rows_.begin() + e);
+          my_values.insert(my_values.end(), values_in_.begin() + c, values_in_.begin() + e);
+        }
+        const int64_t mine_n = static_cast<int64_t>(my_rows.size());
+        accumulate_rows(wt, p.out, my_rows.data(), mine_n, my_values.data(), mine_n, 1, mine);
         barrier();
         const Span outs = share(p.out, t, threads, 16);
         for (int64_t i = outs.begin; i < outs.end; ++i) {
@@ -519,7 +557,7 @@ class Engine : public torch::CustomClassHolder {
     }
     const float root = static_cast<float>(std::sqrt(static_cast<double>(d)));
     const int64_t group = heads_ / kv_heads_;
-    on_threads(std::min(threads_, heads_), [&](int64_t t, int64_t threads) {
+    on_threads(std::min(threads_, heads_), [&](int64_t t, int64_t threads) {  // it reads the cache: memory-bound
       float* score = scores_.data() + t * max_seq_;
       const Span mine = share(heads_, t, threads);
       for (int64_t h = mine.begin; h < mine.end; ++h) {
@@ -528,9 +566,7 @@ class Engine : public torch::CustomClassHolder {
         const float* vh = values + (h / group) * max_seq_ * d;
         float best = -INFINITY;
         for (int64_t p = 0; p <= pos; ++p) {
-          float dot = 0.f;
-          for (int64_t i = 0; i < d; ++i) dot += qh[i] * kh[p * d + i];
-          score[p] = dot / root;
+          score[p] = dot(qh, kh + p * d, d) / root;
           best = std::max(best, score[p]);
         }
         float total = 0.f;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -12,6 +13,17 @@
 namespace qsparse {
 
 constexpr int64_t kRowsPerPass = 8;       // rows folded into the accumulators per pass (best of 2, 4, 8, 16)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr bool kWideBf16 = true;  // bfloat16 rows widened 16 at a time (AVX-512)
+#else
+constexpr bool kWideBf16 = false;
+#endif
+
+// Rows per pass for weights of type W: bfloat16 under AVX-512 takes 16. Its widening then costs half the
+// instructions and 16 rows in flight read short rows faster (one core, 40% of the rows of a bf16 Wt:
+// 1024 wide 11 -> 16 GB/s, 3072 wide 17 -> 22 GB/s); fp32 stays at 8 (16 was slower).
+template <typename W>
+constexpr int64_t rows_per_pass() { return kWideBf16 && std::is_same_v<W, uint16_t> ? 16 : kRowsPerPass; }
 constexpr int64_t kAccumulators = 32768;  // fp32 accumulators per thread, 128 KiB in L2 (8K-32K: within 5%)
 
 inline float widen(float v) { return v; }
@@ -34,6 +46,20 @@ inline __m256 load8(const uint16_t* p) {
 template <int64_t U, typename W>
 inline void fold_rows(const W* const* row, const float* v, int64_t width, float* acc) {
   int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    __m512 wide_scale[U];
+    for (int64_t u = 0; u < U; ++u) wide_scale[u] = _mm512_set1_ps(v[u]);
+    for (; j + 16 <= width; j += 16) {
+      __m512 a = _mm512_loadu_ps(acc + j);
+      for (int64_t u = 0; u < U; ++u) {
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[u] + j));
+        a = _mm512_fmadd_ps(wide_scale[u], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)), a);
+      }
+      _mm512_storeu_ps(acc + j, a);
+    }
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 scale[U];
   for (int64_t u = 0; u < U; ++u) scale[u] = _mm256_set1_ps(v[u]);
@@ -57,17 +83,18 @@ void accumulate_rows(const W* wt, int64_t out_features, const int64_t* rows, int
                      int64_t stride, int64_t batch, float* y) {
   thread_local std::vector<float> acc(kAccumulators);  // per thread, kept across calls: no page faults
   const int64_t tile = std::max<int64_t>(kAccumulators / batch / 8 * 8, 8);
-  const W* row[kRowsPerPass];
-  float v[kRowsPerPass];
+  constexpr int64_t P = rows_per_pass<W>();
+  const W* row[P];
+  float v[P];
   for (int64_t t0 = 0; t0 < out_features; t0 += tile) {
     const int64_t width = std::min(tile, out_features - t0);
     std::fill(acc.begin(), acc.begin() + batch * width, 0.f);
     int64_t i = 0;
-    for (; i + kRowsPerPass <= n; i += kRowsPerPass) {
-      for (int64_t u = 0; u < kRowsPerPass; ++u) row[u] = wt + rows[i + u] * out_features + t0;
+    for (; i + P <= n; i += P) {
+      for (int64_t u = 0; u < P; ++u) row[u] = wt + rows[i + u] * out_features + t0;
       for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t u = 0; u < kRowsPerPass; ++u) v[u] = values[b * stride + i + u];
-        fold_rows<kRowsPerPass>(row, v, width, acc.data() + b * width);
+        for (int64_t u = 0; u < P; ++u) v[u] = values[b * stride + i + u];
+        fold_rows<P>(row, v, width, acc.data() + b * width);
       }
     }
     for (; i < n; ++i) {

@@ -6,6 +6,8 @@
                                            # 4-layer 300M-shaped model, 16 tokens, 2 repeats (CI smoke)
     python tools/bench_decode.py --generate  # only the whole-model generate() section
     python tools/bench_decode.py --json    # the same as JSON on stdout
+    python tools/bench_decode.py --engine  # whole-model decoding: the decode engine against llama.cpp on the
+                                           # same weights (tools/bench_engine.py; --engine --help for more)
 
 Per shape, dtype and sparsity s, each projection (qkv, proj, fc1 = gate+up, fc2 = down) and one whole decoder
 layer step (``megatron_qsparse.inference.decode_layer``: norms, attention over a KV cache, activation,
@@ -75,6 +77,7 @@ GENERATE_PRESET = "300m"  # the whole-model section's shape
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", action="store_true", help="the engine against llama.cpp (bench_engine.py)")
     parser.add_argument("--quick", action="store_true", help="7b, fp32, s = 0.5 / 0.6, 5 repeats")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["7b", "mistral-7b"])
@@ -271,6 +274,11 @@ def print_layer_table(report: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--engine" in argv:
+        import bench_engine
+
+        return bench_engine.main(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

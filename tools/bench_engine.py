@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (a smoke test)")
     p.add_argument("--work-dir", type=Path, default=None, help="where the weights are written (default: a "
                    "temporary directory, removed at the end)")
     args = p.parse_args(argv)
@@ -92,8 +93,9 @@ def load_llama_cpp():
 
 
 # ---- the weights, twice --------------------------------------------------------------------------------------
-def hf_config(shape: str, ffn: int, sparsity: float, bitnet: bool) -> QSparseHFConfig:
-    hidden, _, heads, layers = SHAPES[shape]
+def hf_config(shape: str, ffn: int, sparsity: float, bitnet: bool, layers: Optional[int] = None) -> QSparseHFConfig:
+    hidden, _, heads, depth = SHAPES[shape]
+    layers = layers or depth
     return QSparseHFConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                            num_attention_heads=heads, hidden_act="relu2", max_position_embeddings=512,
                            sparsity={site: sparsity for site in SITES}, bitnet=bitnet)
@@ -116,7 +118,8 @@ def random_state(config: QSparseHFConfig) -> Dict[str, torch.Tensor]:
     return state
 
 
-def write_exports(state, shape: str, ffn: int, sparsities: List[float], bitnet: bool, root: Path) -> Dict[float, Path]:
+def write_exports(state, shape: str, ffn: int, sparsities: List[float], bitnet: bool, root: Path,
+                  layers: Optional[int] = None) -> Dict[float, Path]:
     """One export directory per sparsity: its config.json and a link to the one weights file."""
     from safetensors.torch import save_file
 
@@ -126,7 +129,7 @@ def write_exports(state, shape: str, ffn: int, sparsities: List[float], bitnet: 
     for s in sparsities:
         directory = root / f"s{s}"
         directory.mkdir(exist_ok=True)
-        hf_config(shape, ffn, s, bitnet).to_json_file(str(directory / "config.json"))
+        hf_config(shape, ffn, s, bitnet, layers).to_json_file(str(directory / "config.json"))
         if not (directory / weights.name).exists():
             (directory / weights.name).symlink_to(weights)
         out[s] = directory
@@ -257,12 +260,12 @@ def bench_group(shape: str, dtype: str, sparsities: List[float], args, llama_cpp
     """Every engine sparsity against llama.cpp's dense decode of the same weights, interleaved."""
     bitnet = dtype == "ternary"
     ffn = TERNARY_FFN[shape] if bitnet else SHAPES[shape][1]
-    config = hf_config(shape, ffn, 0.0, bitnet)
+    config = hf_config(shape, ffn, 0.0, bitnet, args.layers)
     progress(f"{shape} {dtype}: random weights (ffn {ffn}) and their exports")
     group = root / f"{shape}-{'ternary' if bitnet else 'fp'}"
     group.mkdir(exist_ok=True)
     state = random_state(config)
-    exports = write_exports(state, shape, ffn, sparsities, bitnet, group)
+    exports = write_exports(state, shape, ffn, sparsities, bitnet, group, args.layers)
     llama = None
     if llama_cpp is not None:
         gguf_path = group / f"{dtype}.gguf"
@@ -341,7 +344,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     report = {"machine": machine(),
               "config": {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                         "repeats": args.repeats, "shapes": {s: dict(zip(("hidden", "ffn", "heads", "layers"),
+                         "repeats": args.repeats, "layers": args.layers, "shapes": {s: dict(zip(("hidden", "ffn", "heads", "layers"),
                                                                          SHAPES[s])) for s in args.shapes},
                          "vocab": VOCAB, "ternary_ffn": TERNARY_FFN,
                          "llama_cpp": ("llama-cpp-python " + llama_cpp.__version__) if llama_cpp else

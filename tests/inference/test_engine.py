@@ -19,6 +19,8 @@ Q-Sparse model trained here on real text; sampling is reproducible with a seed a
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,7 @@ VARIANTS = {
                                 attention_bias=True),
     "tied": dict(sparsity=SPARSITY, tie_word_embeddings=True),
 }
+REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
 WRONG = 0.1
 
@@ -176,7 +179,31 @@ def trained_export(tmp_path_factory, tokenizer):
     model.eval()
     directory = tmp_path_factory.mktemp("trained")
     model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.hf.save_pretrained(directory)
     return model, directory, tokens[1000:1020][None]
+
+
+def test_generate_tool_streams_and_reports(trained_export, tokenizer, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import generate
+
+    _, directory, _ = trained_export
+    text = "In the beginning God created"
+    expected = Engine.from_pretrained(directory, dtype="fp32", threads=1).generate(tokenizer.tokenize(text), 12,
+                                                                                     eos_token_id=tokenizer.eod)
+    args = ["--model", str(directory), "--prompt", text, "--max-new-tokens", "12", "--dtype", "fp32", "--threads", "1"]
+    assert generate.main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["new_ids"] == expected and report["text"] == tokenizer.detokenize(expected)
+    assert report["prompt_tokens"] == len(tokenizer.tokenize(text)) and report["decode_tokens_per_s"] > 0
+    assert generate.main(args) == 0
+    out = capsys.readouterr()
+    assert out.out == text + tokenizer.detokenize(expected) + "\n"  # streamed: the prompt, the new text, a newline
+    assert "decode" in out.err and "tok/s" in out.err
+    assert generate.main(["--model", str(directory / "missing"), "--prompt", "x"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert generate.main(["--model", str(directory), "--prompt-ids", "1,2", "--max-new-tokens", "999"]) == 2
+    assert "max_seq_len" in capsys.readouterr().err
 
 
 def test_sampling_is_reproducible_and_follows_the_distribution(exports):
@@ -232,3 +259,20 @@ def test_clear_errors(exports, tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "load", lambda: None)
     with pytest.raises(RuntimeError, match="compiled CPU kernels.*g\\+\\+"):
         Engine.from_pretrained(directory)
+
+
+def test_benchmark_tool_reports_json():
+    """``bench_decode.py --engine`` exits 0 with one JSON object (2 layers of the 300M shape: a smoke test; with
+    llama-cpp-python installed, its rows come too)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_decode.py"), "--engine", "--quick", "--layers",
+                          "2", "--new-tokens", "8", "--repeats", "1", "--threads", "1", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    engine = [r for r in report["results"] if r["runtime"] == "engine"]
+    assert {(r["dtype"], r["sparsity"]) for r in engine} == {("bf16", 0.0), ("bf16", 0.6), ("ternary", 0.6)}
+    for r in report["results"]:
+        assert r["shape"] == "300m" and r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+    assert report["config"]["threads"] == 1 and "llama" in report["config"]["llama_cpp"]

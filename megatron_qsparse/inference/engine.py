@@ -16,7 +16,8 @@ embedding and LM head (full precision in BitNet too) are fp32 or bf16 by ``dtype
 every sum are fp32 whatever ``dtype`` is, so a bf16 engine equals the fp32 forward of the bf16-rounded weights.
 
 The engine's logits equal the export's masked dense forward (``QSparseForCausalLM``) up to fp32 summation order:
-``tests/inference/test_engine.py``. Batch 1.
+``tests/inference/test_engine.py``. One sequence (``generate``) or up to 8 together (``generate_batch``: the
+projections read the union of the tokens' kept rows once).
 """
 
 import json
@@ -36,6 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACTIVATIONS = {"relu2": 0, "silu": 1}
 NORMS = {"rmsnorm": 0, "layernorm": 1}
 DENSE, GATHER, TERNARY = 0, 1, 2  # projection kinds of engine.cpp
+MAX_BATCH = 8  # kMaxBatch of engine.cpp
 PHASES = ("select", "dense_products", "gather_products", "ternary_products", "attention", "lm_head", "step")
 NONE = torch.empty(0)  # an absent optional tensor (bias, LayerNorm bias, router)
 
@@ -80,6 +82,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_tokens: Optional[int] = None  # tokens made in decode_seconds (default: new_tokens - 1)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -88,7 +91,7 @@ class GenerationStats:
     @property
     def decode_tokens_per_s(self) -> float:
         """New tokens after the first (each one decode step), per second of those steps."""
-        steps = self.new_tokens - 1
+        steps = self.new_tokens - 1 if self.decode_tokens is None else self.decode_tokens
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
 
@@ -128,28 +131,32 @@ def _read_weights(export_dir: Path) -> Dict[str, torch.Tensor]:
 class Engine:
     """A loaded model, its KV cache and sampler. Build with ``Engine.from_pretrained``."""
 
-    def __init__(self, core, config: dict, dtype: str, threads: int, max_seq_len: int):
+    def __init__(self, core, config: dict, dtype: str, threads: int, max_seq_len: int, max_batch: int):
         self.core, self.config, self.dtype, self.threads, self.max_seq_len = core, config, dtype, threads, max_seq_len
+        self.max_batch = max_batch
         self.stats = GenerationStats()
 
     @classmethod
     def from_pretrained(cls, export_dir, dtype: str = "bf16", threads: Optional[int] = None,
-                        max_seq_len: Optional[int] = None) -> "Engine":
+                        max_seq_len: Optional[int] = None, max_batch: int = 1) -> "Engine":
         """Load an export (config.json + safetensors). ``dtype``: "fp32" or "bf16" weights (BitNet projections are
         packed ternary either way); ``threads``: default the cores given; ``max_seq_len``: KV cache positions
-        (default the config's ``max_position_embeddings``)."""
+        (default the config's ``max_position_embeddings``); ``max_batch``: sequences ``generate_batch`` decodes
+        together (1 to 8; each gets its own KV cache)."""
         export_dir = Path(export_dir)
         if dtype not in DTYPES:
             raise EngineError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
         threads = threads or default_threads()
         if threads < 1:
             raise EngineError(f"threads must be >= 1, got {threads}")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise EngineError(f"max_batch must lie in [1, {MAX_BATCH}], got {max_batch}")
         config = _read_config(export_dir)
         ops = kernels.require("The decode engine")
         state = _read_weights(export_dir)
         max_seq_len = max_seq_len or int(config.get("max_position_embeddings", 2048))
-        core = _Builder(config, state, DTYPES[dtype], export_dir, ops).build(max_seq_len, threads)
-        return cls(core, config, dtype, threads, max_seq_len)
+        core = _Builder(config, state, DTYPES[dtype], export_dir, ops).build(max_seq_len, threads, max_batch)
+        return cls(core, config, dtype, threads, max_seq_len, max_batch)
 
     def profile(self, reset: bool = False) -> Dict[str, float]:
         """Seconds per phase of the compiled step since the last reset (``other`` = the step's remainder: norms,
@@ -223,6 +230,52 @@ class Engine:
         return new
 
 
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                       top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                       eos_token_id: Optional[int] = None) -> List[List[int]]:
+        """``generate`` for up to ``max_batch`` prompts at once: every step feeds each unfinished sequence its
+        next token (a prompt token, or the one it sampled last) in one compiled call, whose projections read the
+        union of the tokens' kept rows once. Prompts may differ in length. Returns the new ids per prompt; the
+        same as one ``generate`` per prompt up to fp32 summation order (greedy; sampling draws from one
+        generator in turn)."""
+        if not 1 <= len(prompts) <= self.max_batch:
+            raise EngineError(f"{len(prompts)} prompts: the engine was loaded for 1 to {self.max_batch} "
+                              "(from_pretrained(..., max_batch=N), N <= 8)")
+        if max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompts = [self._check_prompt(p, max_new_tokens) for p in prompts]
+        core = self.core
+        core.reset()
+        core.seed(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        temperature, top_k, top_p = float(temperature), int(top_k or 0), float(top_p or 1.0)
+        fed = [0] * len(prompts)  # tokens fed so far, per sequence
+        new: List[List[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        self.stats = stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), decode_tokens=0)
+        while not all(done):
+            slots = [b for b in range(len(prompts)) if not done[b]]
+            tokens = [prompts[b][fed[b]] if fed[b] < len(prompts[b]) else new[b][-1] for b in slots]
+            decoding = all(fed[b] >= len(prompts[b]) for b in slots)  # a step of new tokens only
+            start = time.perf_counter()
+            logits = core.step_batch(tokens, slots)
+            seconds = time.perf_counter() - start
+            if decoding:
+                stats.decode_seconds += seconds
+                stats.decode_tokens += len(slots)
+            else:
+                stats.prefill_seconds += seconds
+            for row, b in enumerate(slots):
+                fed[b] += 1
+                if fed[b] < len(prompts[b]):
+                    continue  # still reading its prompt
+                token = core.sample(logits[row], temperature, top_k, top_p)
+                new[b].append(token)
+                done[b] = len(new[b]) == max_new_tokens or token == eos_token_id
+        stats.new_tokens = sum(map(len, new))
+        return new
+
+
 class _Builder:
     """Turns an export's tensors into the compiled engine's projections and layers."""
 
@@ -270,7 +323,7 @@ class _Builder:
         angles = torch.arange(max_seq_len).float()[:, None] * inv_freq
         return angles.cos().contiguous(), angles.sin().contiguous()
 
-    def build(self, max_seq_len: int, threads: int):
+    def build(self, max_seq_len: int, threads: int, max_batch: int):
         c = self.config
         heads = c["num_attention_heads"]
         kv_heads = c.get("num_key_value_heads") or heads
@@ -282,7 +335,7 @@ class _Builder:
         layernorm = c.get("normalization", "rmsnorm") == "layernorm"
         dims = [c["vocab_size"], c["hidden_size"], heads, kv_heads, self.head_dim, c["num_hidden_layers"],
                 max_seq_len, ACTIVATIONS[c.get("hidden_act", "relu2")], NORMS[c.get("normalization", "rmsnorm")],
-                int(c.get("num_experts_per_tok") or 0) if c.get("num_experts") else 0, threads]
+                int(c.get("num_experts_per_tok") or 0) if c.get("num_experts") else 0, threads, max_batch]
         norm_bias = (lambda key: self.vector(key)) if layernorm else (lambda key: NONE)
         core = torch.classes.qsparse.Engine(dims, [float(c.get("rms_norm_eps", 1e-5))], embed, lm_head,
                                             self.vector("model.norm.weight"), norm_bias("model.norm.bias"), cos, sin)

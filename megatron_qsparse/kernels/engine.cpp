@@ -39,6 +39,7 @@ using namespace qsparse;
 enum Kind : int64_t { kDense = 0, kGather = 1, kTernary = 2 };
 constexpr float kQuantEps = 1e-5f;  // megatron_qsparse.sparsity.bitnet.EPS: the least absmax scale
 constexpr int64_t kPairsPerFlush = 64;
+constexpr int64_t kMaxBatch = 8;  // sequences decoded together
 constexpr int64_t kPrefetchRows = 16;  // pairs this far ahead: best of 4, 8, 16, 32 (300M, s = 0.6: 89 -> 120-130 tok/s)
 
 // body(thread, threads) on `threads` OpenMP threads (one parallel region), or inline.
@@ -88,28 +89,35 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// y[o] = dot(w[o, :], x) for o in [o0, o1): row-major weights, one row at a time (four accumulators over
-// consecutive columns). One row streams at the core's full rate; four rows at once read 2-4 KiB apart and ran at
-// half of it (one core, 1024-wide bf16 rows: 9 vs 23 GB/s), likely from loads aliasing modulo 4 KiB.
+// dot(r[0:in], x[0:in]) of a weight row.
 template <typename W>
-void dot_rows(const W* w, int64_t in, const float* x, int64_t o0, int64_t o1, float* y) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const W* r = w + o * in;
-    int64_t j = 0;
-    float s = 0.f;
+inline float dot_row(const W* r, int64_t in, const float* x) {
+  int64_t j = 0;
+  float s = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; j + 32 <= in; j += 32) {
-      a0 = _mm256_fmadd_ps(load8(r + j), _mm256_loadu_ps(x + j), a0);
-      a1 = _mm256_fmadd_ps(load8(r + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-      a2 = _mm256_fmadd_ps(load8(r + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-      a3 = _mm256_fmadd_ps(load8(r + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    for (; j + 8 <= in; j += 8) a0 = _mm256_fmadd_ps(load8(r + j), _mm256_loadu_ps(x + j), a0);
-    s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; j + 32 <= in; j += 32) {
+    a0 = _mm256_fmadd_ps(load8(r + j), _mm256_loadu_ps(x + j), a0);
+    a1 = _mm256_fmadd_ps(load8(r + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+    a2 = _mm256_fmadd_ps(load8(r + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+    a3 = _mm256_fmadd_ps(load8(r + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+  }
+  for (; j + 8 <= in; j += 8) a0 = _mm256_fmadd_ps(load8(r + j), _mm256_loadu_ps(x + j), a0);
+  s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
-    for (; j < in; ++j) s += widen(r[j]) * x[j];
-    y[o] = s;
+  for (; j < in; ++j) s += widen(r[j]) * x[j];
+  return s;
+}
+
+// y[b, o] = dot(w[o, :], x[b, :]) for o in [o0, o1) and the batch's tokens b (y rows of `out`): row-major
+// weights, one row at a time (four accumulators over consecutive columns), the row reused from L1 by every
+// token. One row streams at the core's full rate; four rows at once read 2-4 KiB apart and ran at half of it
+// (one core, 1024-wide bf16 rows: 9 vs 23 GB/s), likely from loads aliasing modulo 4 KiB.
+template <typename W>
+void dot_rows(const W* w, int64_t in, const float* xs, int64_t batch, int64_t out, int64_t o0, int64_t o1,
+              float* ys) {
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t b = 0; b < batch; ++b) ys[b * out + o] = dot_row(w + o * in, in, xs + b * in);
   }
 }
 
@@ -248,15 +256,17 @@ struct Layer {
 class Engine : public torch::CustomClassHolder {
  public:
   // dims: vocab, hidden, heads, kv_heads, head_dim, layers, max_seq, activation (0 relu2, 1 silu), norm (0 rms,
-  // 1 layer), experts_per_token, threads. scalars: norm epsilon. embed / lm_head: [vocab, hidden] fp32 or bf16
+  // 1 layer), experts_per_token, threads, max_batch (sequences decoded together, each its own KV cache). scalars: norm epsilon. embed / lm_head: [vocab, hidden] fp32 or bf16
   // (may be one tensor); rope_cos / rope_sin: fp32 [max_seq, head_dim / 2].
   Engine(std::vector<int64_t> dims, std::vector<double> scalars, at::Tensor embed, at::Tensor lm_head,
          at::Tensor final_w, at::Tensor final_b, at::Tensor rope_cos, at::Tensor rope_sin)
       : embed_(embed), lm_head_(lm_head), final_w_(final_w), final_b_(final_b), cos_(rope_cos), sin_(rope_sin) {
-    TORCH_CHECK(dims.size() == 11 && scalars.size() == 1, "Engine: 11 dims and 1 scalar");
+    TORCH_CHECK(dims.size() == 12 && scalars.size() == 1, "Engine: 12 dims and 1 scalar");
     vocab_ = dims[0]; hidden_ = dims[1]; heads_ = dims[2]; kv_heads_ = dims[3]; head_dim_ = dims[4];
     layers_ = dims[5]; max_seq_ = dims[6]; silu_ = dims[7] == 1; layernorm_ = dims[8] == 1;
-    experts_per_token_ = dims[9]; threads_ = std::max<int64_t>(1, dims[10]); eps_ = static_cast<float>(scalars[0]);
+    experts_per_token_ = dims[9]; threads_ = std::max<int64_t>(1, dims[10]); max_batch_ = dims[11];
+    eps_ = static_cast<float>(scalars[0]);
+    TORCH_CHECK(max_batch_ >= 1 && max_batch_ <= kMaxBatch, "Engine: max_batch must lie in [1, ", kMaxBatch, "]");
     TORCH_CHECK(heads_ % kv_heads_ == 0 && head_dim_ % 2 == 0, "Engine: heads must be a multiple of kv_heads");
     for (const at::Tensor* t : {&embed_, &lm_head_}) {
       TORCH_CHECK(t->dim() == 2 && t->size(0) == vocab_ && t->size(1) == hidden_ && t->is_contiguous() &&
@@ -269,12 +279,15 @@ class Engine : public torch::CustomClassHolder {
     check_vector(final_w_, hidden_, "final norm weight");
     if (layernorm_) check_vector(final_b_, hidden_, "final norm bias");
     const int64_t kv = kv_heads_ * head_dim_;
-    keys_.assign(layers_ * max_seq_ * kv, 0.f);
-    values_.assign(layers_ * max_seq_ * kv, 0.f);
-    x_.resize(hidden_); h_.resize(hidden_); tmp_.resize(hidden_); moe_out_.resize(hidden_);
-    qkv_.resize((heads_ + 2 * kv_heads_) * head_dim_); ctx_.resize(heads_ * head_dim_);
+    keys_.assign(max_batch_ * layers_ * max_seq_ * kv, 0.f);  // [sequence, layer, kv head, position, d]
+    values_.assign(max_batch_ * layers_ * max_seq_ * kv, 0.f);
+    positions_.assign(max_batch_, 0);
+    const int64_t B = max_batch_;
+    x_.resize(B * hidden_); h_.resize(B * hidden_); tmp_.resize(B * hidden_); moe_out_.resize(B * hidden_);
+    expert_out_.resize(hidden_);
+    qkv_.resize(B * (heads_ + 2 * kv_heads_) * head_dim_); ctx_.resize(B * heads_ * head_dim_);
     scores_.resize(threads_ * max_seq_);
-    logits_ = at::empty({vocab_}, at::TensorOptions().dtype(at::kFloat));
+    logits_ = at::empty({B, vocab_}, at::TensorOptions().dtype(at::kFloat));
     rng_.seed(0);
   }
 
@@ -294,7 +307,6 @@ class Engine : public torch::CustomClassHolder {
                 "projection weight: fp32 or bf16");
     if (bias.numel()) check_vector(bias, out, "projection bias");
     projections_.push_back({on_huge_pages(weight), bias, kind, in, out, k, segment, static_cast<float>(alpha)});
-    widest_ = std::max(widest_, std::max(in, out));
     return static_cast<int64_t>(projections_.size()) - 1;
   }
 
@@ -313,44 +325,63 @@ class Engine : public torch::CustomClassHolder {
     stack_.push_back({norm1_w, norm1_b, norm2_w, norm2_b, router, qkv, o, ffn});
   }
 
-  void reset() { position_ = 0; }
-  int64_t position() const { return position_; }
+  void reset() { std::fill(positions_.begin(), positions_.end(), int64_t{0}); }
+  int64_t position() const { return positions_[0]; }
+  std::vector<int64_t> positions() const { return positions_; }
   void seed(int64_t value) { rng_.seed(static_cast<uint64_t>(value)); }
   // Seconds per phase since the last profile_reset(): select, dense products, gather products, ternary
   // products, attention, LM head, whole steps.
   std::vector<double> profile() const { return seconds_; }
   void profile_reset() { std::fill(seconds_.begin(), seconds_.end(), 0.0); }
 
-  // One token through the whole model at the next position; returns the logits buffer (fp32 [vocab], reused by
-  // the next call: clone it to keep it).
-  at::Tensor step(int64_t token) {
+  // One token of sequence 0 at its next position; returns its logits (fp32 [vocab], a view of the buffer that
+  // the next call reuses: clone it to keep it).
+  at::Tensor step(int64_t token) { return step_batch({token}, {0}).select(0, 0); }
+
+  // One token for each listed sequence (slot of the KV cache), each at that sequence's next position: the
+  // projections read the union of the tokens' kept rows once. Returns the logits [tokens, vocab] (a view of the
+  // buffer that the next call reuses).
+  at::Tensor step_batch(std::vector<int64_t> tokens, std::vector<int64_t> slots) {
     PhaseTimer timer(seconds_, kStep);
+    const int64_t B = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(static_cast<int64_t>(stack_.size()) == layers_, "Engine: add every layer before step()");
-    TORCH_CHECK(token >= 0 && token < vocab_, "token id ", token, " outside the vocabulary [0, ", vocab_, ")");
-    TORCH_CHECK(position_ < max_seq_, "the KV cache is full (", max_seq_, " positions)");
-    embed_row(token);
+    TORCH_CHECK(B >= 1 && B <= max_batch_ && slots.size() == tokens.size(),
+                "step_batch: 1 to max_batch (", max_batch_, ") tokens, one slot each");
+    std::vector<bool> seen(max_batch_, false);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t token = tokens[b], slot = slots[b];
+      TORCH_CHECK(token >= 0 && token < vocab_, "token id ", token, " outside the vocabulary [0, ", vocab_, ")");
+      TORCH_CHECK(slot >= 0 && slot < max_batch_ && !seen[slot], "slot ", slot, " out of range or repeated");
+      seen[slot] = true;
+      TORCH_CHECK(positions_[slot] < max_seq_, "the KV cache of sequence ", slot, " is full (", max_seq_,
+                  " positions)");
+      embed_row(token, x_.data() + b * hidden_);
+    }
+    slots_ = slots;
     for (int64_t l = 0; l < layers_; ++l) {
       const Layer& layer = stack_[l];
-      norm(x_.data(), layer.norm1_w, layer.norm1_b, h_.data());
-      project(projections_[layer.qkv], h_.data(), qkv_.data());
-      attend(l);
-      project(projections_[layer.o], ctx_.data(), tmp_.data());
-      for (int64_t i = 0; i < hidden_; ++i) x_[i] += tmp_[i];
-      norm(x_.data(), layer.norm2_w, layer.norm2_b, h_.data());
-      if (layer.router.numel()) moe(layer); else ffn(layer.ffn[0], layer.ffn[1], h_.data(), tmp_.data());
-      for (int64_t i = 0; i < hidden_; ++i) x_[i] += tmp_[i];
+      norm_rows(x_.data(), layer.norm1_w, layer.norm1_b, h_.data(), B);
+      project(projections_[layer.qkv], h_.data(), qkv_.data(), B);
+      attend(l, B);
+      project(projections_[layer.o], ctx_.data(), tmp_.data(), B);
+      for (int64_t i = 0; i < B * hidden_; ++i) x_[i] += tmp_[i];
+      norm_rows(x_.data(), layer.norm2_w, layer.norm2_b, h_.data(), B);
+      if (layer.router.numel()) moe(layer, B); else ffn(layer.ffn[0], layer.ffn[1], h_.data(), tmp_.data(), B);
+      for (int64_t i = 0; i < B * hidden_; ++i) x_[i] += tmp_[i];
     }
-    norm(x_.data(), final_w_, final_b_, h_.data());
+    norm_rows(x_.data(), final_w_, final_b_, h_.data(), B);
     float* logits = logits_.data_ptr<float>();
-    PhaseTimer head(seconds_, kLmHead);
-    with_rows(lm_head_, [&](auto* w) {
-      on_threads(threads_, [&](int64_t t, int64_t n) {
-        const Span s = share(vocab_, t, n, 4);
-        dot_rows(w, hidden_, h_.data(), s.begin, s.end, logits);
+    {
+      PhaseTimer head(seconds_, kLmHead);
+      with_rows(lm_head_, [&](auto* w) {
+        on_threads(threads_, [&](int64_t t, int64_t n) {
+          const Span s = share(vocab_, t, n, 4);
+          dot_rows(w, hidden_, h_.data(), B, vocab_, s.begin, s.end, logits);
+        });
       });
-    });
-    ++position_;
-    return logits_;
+    }
+    for (int64_t slot : slots) ++positions_[slot];
+    return logits_.narrow(0, 0, B);
   }
 
   // A token drawn from `logits` (fp32 [vocab]): argmax (lowest index on ties) when temperature <= 0 or
@@ -404,10 +435,14 @@ class Engine : public torch::CustomClassHolder {
     else body(reinterpret_cast<const uint16_t*>(w.data_ptr()));
   }
 
-  void embed_row(int64_t token) {
+  void embed_row(int64_t token, float* x) {
     with_rows(embed_, [&](auto* w) {
-      for (int64_t i = 0; i < hidden_; ++i) x_[i] = widen(w[token * hidden_ + i]);
+      for (int64_t i = 0; i < hidden_; ++i) x[i] = widen(w[token * hidden_ + i]);
     });
+  }
+
+  void norm_rows(const float* x, const at::Tensor& weight, const at::Tensor& bias, float* out, int64_t B) const {
+    for (int64_t b = 0; b < B; ++b) norm(x + b * hidden_, weight, bias, out + b * hidden_);
   }
 
   // RMSNorm (bias empty) or LayerNorm, as megatron_qsparse.layers.norm_fn.normalize in fp32.
@@ -431,73 +466,96 @@ class Engine : public torch::CustomClassHolder {
     for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i] + b[i];
   }
 
-  // The nonzero inputs a projection reads: x's top-k per segment (all of x when k == segment), zeros skipped.
-  void kept_inputs(const Projection& p, const float* x) {
+  // The rows a projection reads for the B tokens of x [B, in]: each token's top-k per segment (all of x when
+  // k == segment), united, rows where every kept input is 0 skipped; values_in_ [B, kept_] holds each token's
+  // input on them, 0 where it dropped the row.
+  void kept_inputs(const Projection& p, const float* x, int64_t B) {
     PhaseTimer timer(seconds_, kSelect);
-    keep_.resize(p.in);
+    keep_.resize(B * p.in);
     bool* keep = reinterpret_cast<bool*>(keep_.data());
-    if (p.k < p.segment) {
-      for (int64_t s = 0; s < p.in; s += p.segment) select_topk(x + s, p.segment, p.k, scratch_, keep + s);
-    } else {
-      std::fill(keep, keep + p.in, true);
+    for (int64_t b = 0; b < B; ++b) {
+      if (p.k < p.segment) {
+        for (int64_t s = 0; s < p.in; s += p.segment) {
+          select_topk(x + b * p.in + s, p.segment, p.k, scratch_, keep + b * p.in + s);
+        }
+      } else {
+        std::fill(keep + b * p.in, keep + (b + 1) * p.in, true);
+      }
+      for (int64_t d = 0; d < p.in; ++d) keep[b * p.in + d] &= x[b * p.in + d] != 0.f;
     }
     rows_.resize(p.in);
-    values_in_.resize(p.in);
     int64_t n = 0;
     for (int64_t d = 0; d < p.in; ++d) {  // branch-free compaction
+      bool any = false;
+      for (int64_t b = 0; b < B; ++b) any |= keep[b * p.in + d];
       rows_[n] = d;
-      values_in_[n] = x[d];
-      n += keep[d] & (x[d] != 0.f);
+      n += any;
+    }
+    values_in_.resize(B * n);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t at = b * p.in + rows_[i];
+        values_in_[b * n + i] = keep[at] ? x[at] : 0.f;
+      }
     }
     kept_ = n;
   }
 
-  void project(const Projection& p, const float* x, float* y) {
+  // y [B, out] = the projection of x [B, in] (BitNet: one token at a time, each with its own int8 scale).
+  void project(const Projection& p, const float* x, float* y, int64_t B) {
     if (p.kind == kDense) {
       PhaseTimer timer(seconds_, kDenseProducts);
       with_rows(p.weight, [&](auto* w) {
         on_threads(threads_, [&](int64_t t, int64_t n) {
           const Span s = share(p.out, t, n, 4);
-          dot_rows(w, p.in, x, s.begin, s.end, y);
+          dot_rows(w, p.in, x, B, p.out, s.begin, s.end, y);
         });
       });
+    } else if (p.kind == kGather) {
+      kept_inputs(p, x, B);
+      PhaseTimer timer(seconds_, kGatherProducts);
+      gather_product(p, y, B);
     } else {
-      kept_inputs(p, x);
-      PhaseTimer timer(seconds_, p.kind == kGather ? kGatherProducts : kTernaryProducts);
-      if (p.kind == kGather) gather_product(p, y); else ternary_product(p, y);
+      for (int64_t b = 0; b < B; ++b) {
+        kept_inputs(p, x + b * p.in, 1);
+        PhaseTimer timer(seconds_, kTernaryProducts);
+        ternary_product(p, y + b * p.out);
+      }
     }
     if (p.bias.numel()) {
-      const float* b = p.bias.data_ptr<float>();
-      for (int64_t i = 0; i < p.out; ++i) y[i] += b[i];
+      const float* bias = p.bias.data_ptr<float>();
+      for (int64_t i = 0; i < B * p.out; ++i) y[i] += bias[i % p.out];
     }
   }
 
   // y = sum over the kept rows of value * Wt[row, :]: threads split the rows (each streams whole rows into its
   // own partial sums), then split the outputs to add the partials.
-  void gather_product(const Projection& p, float* y) {
-    partial_.resize(threads_ * p.out);
-    const int64_t n = kept_;
+  void gather_product(const Projection& p, float* y, int64_t B) {
+    const int64_t size = B * p.out, n = kept_;
+    partial_.resize(threads_ * size);
     with_rows(p.weight, [&](auto* wt) {
       on_threads(threads_, [&](int64_t t, int64_t threads) {
-        float* mine = partial_.data() + t * p.out;
-        std::fill(mine, mine + p.out, 0.f);
+        float* mine = partial_.data() + t * size;
+        std::fill(mine, mine + size, 0.f);
         // Chunks of 16 rows dealt out in turn: the threads read neighbouring rows at the same time.
         thread_local std::vector<int64_t> my_rows;
         thread_local std::vector<float> my_values;
         my_rows.clear();
-        my_values.clear();
         for (int64_t c = t * 16; c < n; c += threads * 16) {
-          const int64_t e = std::min(n, c + 16);
-          my_rows.insert(my_rows.end(), rows_.begin() + c, rows_.begin() + e);
-          my_values.insert(my_values.end(), values_in_.begin() + c, values_in_.begin() + e);
+          for (int64_t i = c; i < std::min(n, c + 16); ++i) my_rows.push_back(i);
         }
         const int64_t mine_n = static_cast<int64_t>(my_rows.size());
-        accumulate_rows(wt, p.out, my_rows.data(), mine_n, my_values.data(), mine_n, 1, mine);
+        my_values.resize(B * mine_n);
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t j = 0; j < mine_n; ++j) my_values[b * mine_n + j] = values_in_[b * n + my_rows[j]];
+        }
+        for (int64_t j = 0; j < mine_n; ++j) my_rows[j] = rows_[my_rows[j]];
+        accumulate_rows(wt, p.out, my_rows.data(), mine_n, my_values.data(), mine_n, B, mine);
         barrier();
-        const Span outs = share(p.out, t, threads, 16);
+        const Span outs = share(size, t, threads, 16);
         for (int64_t i = outs.begin; i < outs.end; ++i) {
           float sum = 0.f;
-          for (int64_t u = 0; u < threads; ++u) sum += partial_[u * p.out + i];
+          for (int64_t u = 0; u < threads; ++u) sum += partial_[u * size + i];
           y[i] = sum;
         }
       });
@@ -541,38 +599,46 @@ class Engine : public torch::CustomClassHolder {
     });
   }
 
-  // RoPE on this position's q and k (rotate-half pairs i, i + d/2), k and v into the cache, then softmax
-  // attention of every query head over the cached positions of its key/value head; heads split over threads.
-  void attend(int64_t layer) {
+  // For each token: RoPE on its q and k at its position (rotate-half pairs i, i + d/2), k and v into its
+  // sequence's cache, then softmax attention of every query head over the cached positions of its key/value head.
+  // The (token, head) pairs are split over threads.
+  void attend(int64_t layer, int64_t B) {
     PhaseTimer timer(seconds_, kAttention);
-    const int64_t d = head_dim_, half = d / 2, kv = kv_heads_ * d, pos = position_;
-    const float* c = cos_.data_ptr<float>() + pos * half;
-    const float* s = sin_.data_ptr<float>() + pos * half;
-    float* q = qkv_.data();
-    for (int64_t h = 0; h < heads_ + kv_heads_; ++h) {  // the query heads, then the key heads
-      float* v = q + h * d;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * c[i] - b * s[i];
-        v[i + half] = b * c[i] + a * s[i];
+    const int64_t d = head_dim_, half = d / 2, kv = kv_heads_ * d, width = (heads_ + 2 * kv_heads_) * d;
+    auto cache = [&](std::vector<float>& store, int64_t b) {  // layer `layer` of token b's sequence
+      return store.data() + (slots_[b] * layers_ + layer) * max_seq_ * kv;
+    };
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t pos = positions_[slots_[b]];
+      const float* c = cos_.data_ptr<float>() + pos * half;
+      const float* s = sin_.data_ptr<float>() + pos * half;
+      float* q = qkv_.data() + b * width;
+      for (int64_t h = 0; h < heads_ + kv_heads_; ++h) {  // the query heads, then the key heads
+        float* v = q + h * d;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x0 = v[i], x1 = v[i + half];
+          v[i] = x0 * c[i] - x1 * s[i];
+          v[i + half] = x1 * c[i] + x0 * s[i];
+        }
       }
-    }
-    float* keys = keys_.data() + layer * max_seq_ * kv;
-    float* values = values_.data() + layer * max_seq_ * kv;
-    for (int64_t g = 0; g < kv_heads_; ++g) {  // cache layout [kv head, position, d]
-      std::copy(q + (heads_ + g) * d, q + (heads_ + g + 1) * d, keys + (g * max_seq_ + pos) * d);
-      std::copy(q + (heads_ + kv_heads_ + g) * d, q + (heads_ + kv_heads_ + g + 1) * d,
-                values + (g * max_seq_ + pos) * d);
+      float* keys = cache(keys_, b);
+      float* values = cache(values_, b);
+      for (int64_t g = 0; g < kv_heads_; ++g) {  // cache layout [kv head, position, d]
+        std::copy(q + (heads_ + g) * d, q + (heads_ + g + 1) * d, keys + (g * max_seq_ + pos) * d);
+        std::copy(q + (heads_ + kv_heads_ + g) * d, q + (heads_ + kv_heads_ + g + 1) * d,
+                  values + (g * max_seq_ + pos) * d);
+      }
     }
     const float root = static_cast<float>(std::sqrt(static_cast<double>(d)));
     const int64_t group = heads_ / kv_heads_;
-    on_threads(std::min(threads_, heads_), [&](int64_t t, int64_t threads) {  // it reads the cache: memory-bound
+    on_threads(std::min(threads_, B * heads_), [&](int64_t t, int64_t threads) {  // reads the cache: memory-bound
       float* score = scores_.data() + t * max_seq_;
-      const Span mine = share(heads_, t, threads);
-      for (int64_t h = mine.begin; h < mine.end; ++h) {
-        const float* qh = q + h * d;
-        const float* kh = keys + (h / group) * max_seq_ * d;
-        const float* vh = values + (h / group) * max_seq_ * d;
+      const Span mine = share(B * heads_, t, threads);
+      for (int64_t bh = mine.begin; bh < mine.end; ++bh) {
+        const int64_t b = bh / heads_, h = bh % heads_, pos = positions_[slots_[b]];
+        const float* qh = qkv_.data() + b * width + h * d;
+        const float* kh = cache(keys_, b) + (h / group) * max_seq_ * d;
+        const float* vh = cache(values_, b) + (h / group) * max_seq_ * d;
         float best = -INFINITY;
         for (int64_t p = 0; p <= pos; ++p) {
           score[p] = dot(qh, kh + p * d, d) / root;
@@ -580,7 +646,7 @@ class Engine : public torch::CustomClassHolder {
         }
         float total = 0.f;
         for (int64_t p = 0; p <= pos; ++p) total += (score[p] = std::exp(score[p] - best));
-        float* out = ctx_.data() + h * d;
+        float* out = ctx_.data() + (b * heads_ + h) * d;
         std::fill(out, out + d, 0.f);
         for (int64_t p = 0; p <= pos; ++p) {
           const float w = score[p] / total;
@@ -591,24 +657,30 @@ class Engine : public torch::CustomClassHolder {
   }
 
   // Gated FFN: act(gate) * up on the gate_up projection's halves, then the down projection.
-  void ffn(int64_t gate_up, int64_t down, const float* x, float* y) {
+  void ffn(int64_t gate_up, int64_t down, const float* x, float* y, int64_t B) {
     const Projection& gu = projections_[gate_up];
     const int64_t inter = gu.out / 2;
-    gate_up_.resize(gu.out);
-    mid_.resize(inter);
-    project(gu, x, gate_up_.data());
-    for (int64_t i = 0; i < inter; ++i) {
-      mid_[i] = (silu_ ? silu(gate_up_[i]) : relu2(gate_up_[i])) * gate_up_[inter + i];
+    gate_up_.resize(B * gu.out);
+    mid_.resize(B * inter);
+    project(gu, x, gate_up_.data(), B);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* g = gate_up_.data() + b * gu.out;
+      for (int64_t i = 0; i < inter; ++i) mid_[b * inter + i] = (silu_ ? silu(g[i]) : relu2(g[i])) * g[inter + i];
     }
-    project(projections_[down], mid_.data(), y);
+    project(projections_[down], mid_.data(), y, B);
   }
 
-  // MoE: the router (dense input) picks the top-k experts (lowest index on ties); softmax over their logits
-  // weights their outputs, added in expert order.
-  void moe(const Layer& layer) {
+  // MoE, token by token: the router (dense input) picks the top-k experts (lowest index on ties); softmax over
+  // their logits weights their outputs, added in expert order. tmp_ [B, hidden] receives the outputs.
+  void moe(const Layer& layer, int64_t B) {
+    for (int64_t b = 0; b < B; ++b) moe_token(layer, h_.data() + b * hidden_, moe_out_.data() + b * hidden_);
+    std::copy(moe_out_.begin(), moe_out_.begin() + B * hidden_, tmp_.begin());
+  }
+
+  void moe_token(const Layer& layer, const float* x, float* out) {
     const int64_t experts = layer.router.size(0);
     router_logits_.resize(experts);
-    dot_rows(layer.router.data_ptr<float>(), hidden_, h_.data(), 0, experts, router_logits_.data());
+    dot_rows(layer.router.data_ptr<float>(), hidden_, x, 1, experts, 0, experts, router_logits_.data());
     std::vector<int64_t> chosen(experts);
     std::iota(chosen.begin(), chosen.end(), int64_t{0});
     const float* l = router_logits_.data();
@@ -622,24 +694,24 @@ class Engine : public torch::CustomClassHolder {
     std::vector<int64_t> by_expert(experts_per_token_);
     std::iota(by_expert.begin(), by_expert.end(), int64_t{0});
     std::sort(by_expert.begin(), by_expert.end(), [&](int64_t a, int64_t b) { return chosen[a] < chosen[b]; });
-    std::fill(moe_out_.begin(), moe_out_.end(), 0.f);
+    std::fill(out, out + hidden_, 0.f);
     for (int64_t i : by_expert) {
       const int64_t e = chosen[i];
-      ffn(layer.ffn[2 * e], layer.ffn[2 * e + 1], h_.data(), tmp_.data());
+      ffn(layer.ffn[2 * e], layer.ffn[2 * e + 1], x, expert_out_.data(), 1);
       const float w = weight[i] / total;
-      for (int64_t j = 0; j < hidden_; ++j) moe_out_[j] += tmp_[j] * w;
+      for (int64_t j = 0; j < hidden_; ++j) out[j] += expert_out_[j] * w;
     }
-    std::copy(moe_out_.begin(), moe_out_.end(), tmp_.begin());
   }
 
-  int64_t vocab_, hidden_, heads_, kv_heads_, head_dim_, layers_, max_seq_, experts_per_token_, threads_;
+  int64_t vocab_, hidden_, heads_, kv_heads_, head_dim_, layers_, max_seq_, experts_per_token_, threads_, max_batch_;
   bool silu_, layernorm_;
   float eps_;
   at::Tensor embed_, lm_head_, final_w_, final_b_, cos_, sin_, logits_;
   std::vector<Projection> projections_;
   std::vector<Layer> stack_;
-  int64_t position_ = 0, kept_ = 0, widest_ = 0;
-  std::vector<float> keys_, values_, x_, h_, tmp_, moe_out_, qkv_, ctx_, scores_, gate_up_, mid_, partial_,
+  int64_t kept_ = 0;
+  std::vector<int64_t> positions_, slots_;  // next position of every sequence; the slots of this step's tokens
+  std::vector<float> keys_, values_, x_, h_, tmp_, moe_out_, expert_out_, qkv_, ctx_, scores_, gate_up_, mid_, partial_,
       values_in_, router_logits_;
   std::vector<int32_t> int_partial_;
   std::vector<int64_t> rows_, order_;
@@ -663,6 +735,8 @@ TORCH_LIBRARY_FRAGMENT(qsparse, m) {
       .def("position", &Engine::position)
       .def("seed", &Engine::seed)
       .def("step", &Engine::step)
+      .def("step_batch", &Engine::step_batch)
+      .def("positions", &Engine::positions)
       .def("sample", &Engine::sample)
       .def("profile", &Engine::profile)
       .def("profile_reset", &Engine::profile_reset);

@@ -10,7 +10,6 @@ same weights run dense (no mask) differ by more than ``WRONG``, and generate oth
 can fail.
 """
 
-import copy
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import megatron_qsparse.inference as inference
+from hf.compare import relative_error, unmasked
 from megatron_qsparse.hf.configuration_qsparse import QSparseHFConfig
 from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM, SiteLinear, linear
 from megatron_qsparse.inference.gather_kernel import MAX_KERNEL_BATCH
@@ -83,17 +83,8 @@ def prefill_and_decode(model, ids) -> torch.Tensor:
     return torch.cat([out.logits, step.logits], dim=1)
 
 
-def unmasked(model) -> QSparseForCausalLM:
-    """The wrong path on purpose: the same weights with every site dense."""
-    dense = copy.deepcopy(model)
-    for module in dense.modules():
-        if isinstance(module, SiteLinear):
-            module.sparsity = 0.0
-    return dense
 
 
-def relative_error(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def generate(model, ids, **kwargs) -> torch.Tensor:

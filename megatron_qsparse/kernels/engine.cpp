@@ -39,7 +39,7 @@ using namespace qsparse;
 enum Kind : int64_t { kDense = 0, kGather = 1, kTernary = 2 };
 constexpr float kQuantEps = 1e-5f;  // megatron_qsparse.sparsity.bitnet.EPS: the least absmax scale
 constexpr int64_t kPairsPerFlush = 64;
-constexpr int64_t kMaxBatch = 8;  // sequences decoded together
+constexpr int64_t kMaxBatch = 8;  // sequences decoded together (dot_rows handles up to 8)
 constexpr int64_t kPrefetchRows = 16;  // pairs this far ahead: best of 4, 8, 16, 32 (300M, s = 0.6: 89 -> 120-130 tok/s)
 
 // body(thread, threads) on `threads` OpenMP threads (one parallel region), or inline.
@@ -109,15 +109,47 @@ inline float dot_row(const W* r, int64_t in, const float* x) {
   return s;
 }
 
+// dot(r, x[b]) for the B tokens of xs [B, in] at once: each 8 weights widened once, then one FMA per token.
+template <int B, typename W>
+inline void dot_row_batch(const W* r, int64_t in, const float* xs, float* out) {
+  int64_t j = 0;
+  float s[B] = {};
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a[B];
+  for (int b = 0; b < B; ++b) a[b] = _mm256_setzero_ps();
+  for (; j + 8 <= in; j += 8) {
+    const __m256 w = load8(r + j);
+    for (int b = 0; b < B; ++b) a[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + b * in + j), a[b]);
+  }
+  for (int b = 0; b < B; ++b) s[b] = horizontal_sum(a[b]);
+#endif
+  for (; j < in; ++j) {
+    for (int b = 0; b < B; ++b) s[b] += widen(r[j]) * xs[b * in + j];
+  }
+  for (int b = 0; b < B; ++b) out[b] = s[b];
+}
+
 // y[b, o] = dot(w[o, :], x[b, :]) for o in [o0, o1) and the batch's tokens b (y rows of `out`): row-major
-// weights, one row at a time (four accumulators over consecutive columns), the row reused from L1 by every
-// token. One row streams at the core's full rate; four rows at once read 2-4 KiB apart and ran at half of it
-// (one core, 1024-wide bf16 rows: 9 vs 23 GB/s), likely from loads aliasing modulo 4 KiB.
+// weights, one row at a time. One row streams at the core's full rate; four rows at once read 2-4 KiB apart and
+// ran at half of it (one core, 1024-wide bf16 rows: 9 vs 23 GB/s), likely from loads aliasing modulo 4 KiB.
+// One token: four accumulators over consecutive columns; several: each weight widened once for all of them.
 template <typename W>
 void dot_rows(const W* w, int64_t in, const float* xs, int64_t batch, int64_t out, int64_t o0, int64_t o1,
               float* ys) {
+  float sums[8];
   for (int64_t o = o0; o < o1; ++o) {
-    for (int64_t b = 0; b < batch; ++b) ys[b * out + o] = dot_row(w + o * in, in, xs + b * in);
+    const W* r = w + o * in;
+    switch (batch) {
+      case 1: sums[0] = dot_row(r, in, xs); break;
+      case 2: dot_row_batch<2>(r, in, xs, sums); break;
+      case 3: dot_row_batch<3>(r, in, xs, sums); break;
+      case 4: dot_row_batch<4>(r, in, xs, sums); break;
+      case 5: dot_row_batch<5>(r, in, xs, sums); break;
+      case 6: dot_row_batch<6>(r, in, xs, sums); break;
+      case 7: dot_row_batch<7>(r, in, xs, sums); break;
+      default: dot_row_batch<8>(r, in, xs, sums); break;
+    }
+    for (int64_t b = 0; b < batch; ++b) ys[b * out + o] = sums[b];
   }
 }
 

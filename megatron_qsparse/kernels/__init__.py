@@ -24,7 +24,7 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = ("qsparse_cpu.cpp", "engine.cpp")  # compiled into one library
-HEADERS = ("rows.h", "select.h")  # included by both sources
+HEADERS = ("rows.h", "select.h", "ternary.h")  # included by the sources
 _LOAD_ERROR: List[str] = []  # why load() returned None, for require()
 
 

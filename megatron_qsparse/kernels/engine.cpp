@@ -1,6 +1,6 @@
 // The decode engine's core: one whole decoder step of a Q-Sparse model per call, in compiled code.
 // megatron_qsparse/inference/engine.py builds it from a Hugging Face export and drives generation; this file
-// holds no policy, only the arithmetic of megatron_qsparse/hf/modeling_qsparse.py for one token at a time:
+// holds no policy, only the arithmetic of megatron_qsparse/hf/modeling_qsparse.py, one token per sequence a call:
 //   embedding -> per layer: norm, QKV (top-K site), RoPE, GQA attention over the KV cache, output projection
 //   (top-K site), residual, norm, gated FFN (two top-K sites; or MoE routed to the top-k experts), residual
 //   -> final norm -> LM head -> sampling.
@@ -31,6 +31,7 @@
 
 #include "rows.h"
 #include "select.h"
+#include "ternary.h"
 
 namespace {
 
@@ -38,9 +39,7 @@ using namespace qsparse;
 
 enum Kind : int64_t { kDense = 0, kGather = 1, kTernary = 2 };
 constexpr float kQuantEps = 1e-5f;  // megatron_qsparse.sparsity.bitnet.EPS: the least absmax scale
-constexpr int64_t kPairsPerFlush = 64;
 constexpr int64_t kMaxBatch = 8;  // sequences decoded together (dot_rows handles up to 8)
-constexpr int64_t kPrefetchRows = 16;  // pairs this far ahead: best of 4, 8, 16, 32 (300M, s = 0.6: 89 -> 120-130 tok/s)
 
 // body(thread, threads) on `threads` OpenMP threads (one parallel region), or inline.
 template <typename Body>
@@ -66,177 +65,6 @@ struct Span { int64_t begin, end; };
 inline Span share(int64_t n, int64_t t, int64_t threads, int64_t align = 1) {
   const int64_t units = (n + align - 1) / align;
   return {std::min(n, units * t / threads * align), std::min(n, units * (t + 1) / threads * align)};
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
-// sum a[i] * b[i] over n fp32 entries.
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  s = horizontal_sum(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// dot(r[0:in], x[0:in]) of a weight row.
-template <typename W>
-inline float dot_row(const W* r, int64_t in, const float* x) {
-  int64_t j = 0;
-  float s = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (; j + 32 <= in; j += 32) {
-    a0 = _mm256_fmadd_ps(load8(r + j), _mm256_loadu_ps(x + j), a0);
-    a1 = _mm256_fmadd_ps(load8(r + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-    a2 = _mm256_fmadd_ps(load8(r + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-    a3 = _mm256_fmadd_ps(load8(r + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-  }
-  for (; j + 8 <= in; j += 8) a0 = _mm256_fmadd_ps(load8(r + j), _mm256_loadu_ps(x + j), a0);
-  s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-  for (; j < in; ++j) s += widen(r[j]) * x[j];
-  return s;
-}
-
-// dot(r, x[b]) for the B tokens of xs [B, in] at once: each 8 weights widened once, then one FMA per token.
-template <int B, typename W>
-inline void dot_row_batch(const W* r, int64_t in, const float* xs, float* out) {
-  int64_t j = 0;
-  float s[B] = {};
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 a[B];
-  for (int b = 0; b < B; ++b) a[b] = _mm256_setzero_ps();
-  for (; j + 8 <= in; j += 8) {
-    const __m256 w = load8(r + j);
-    for (int b = 0; b < B; ++b) a[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + b * in + j), a[b]);
-  }
-  for (int b = 0; b < B; ++b) s[b] = horizontal_sum(a[b]);
-#endif
-  for (; j < in; ++j) {
-    for (int b = 0; b < B; ++b) s[b] += widen(r[j]) * xs[b * in + j];
-  }
-  for (int b = 0; b < B; ++b) out[b] = s[b];
-}
-
-// y[b, o] = dot(w[o, :], x[b, :]) for o in [o0, o1) and the batch's tokens b (y rows of `out`): row-major
-// weights, one row at a time. One row streams at the core's full rate; four rows at once read 2-4 KiB apart and
-// ran at half of it (one core, 1024-wide bf16 rows: 9 vs 23 GB/s), likely from loads aliasing modulo 4 KiB.
-// One token: four accumulators over consecutive columns; several: each weight widened once for all of them.
-template <typename W>
-void dot_rows(const W* w, int64_t in, const float* xs, int64_t batch, int64_t out, int64_t o0, int64_t o1,
-              float* ys) {
-  float sums[8];
-  for (int64_t o = o0; o < o1; ++o) {
-    const W* r = w + o * in;
-    switch (batch) {
-      case 1: sums[0] = dot_row(r, in, xs); break;
-      case 2: dot_row_batch<2>(r, in, xs, sums); break;
-      case 3: dot_row_batch<3>(r, in, xs, sums); break;
-      case 4: dot_row_batch<4>(r, in, xs, sums); break;
-      case 5: dot_row_batch<5>(r, in, xs, sums); break;
-      case 6: dot_row_batch<6>(r, in, xs, sums); break;
-      case 7: dot_row_batch<7>(r, in, xs, sums); break;
-      default: dot_row_batch<8>(r, in, xs, sums); break;
-    }
-    for (int64_t b = 0; b < batch; ++b) ys[b * out + o] = sums[b];
-  }
-}
-
-// ---- packed ternary rows ---------------------------------------------------------------------------------------
-// Row r of an input-major ternary weight is `groups` blocks of 32 bytes (128 outputs, the output count padded up);
-// byte b of block g holds the codes (w + 1, in {0, 1, 2}) of outputs 128g + 32j + b, j = 0..3, in bits 2j, 2j+1.
-// Two rows at a time: their codes, interleaved bytewise, times the pair of int8 levels by one maddubs give int16
-// lanes of 2 products each, summed for 64 pairs in int16 (no overflow), then into int32: exact integer sums.
-// The sum is over the codes (w + 1); `sum of levels` is subtracted at the end.
-
-#if defined(__AVX2__) && defined(__FMA__)
-template <int J>
-inline void fold_code_pair(__m256i a, __m256i b, __m256i levels, __m256i* acc) {
-  const __m256i three = _mm256_set1_epi8(3);
-  const __m256i aj = _mm256_and_si256(_mm256_srli_epi16(a, 2 * J), three);
-  const __m256i bj = _mm256_and_si256(_mm256_srli_epi16(b, 2 * J), three);
-  acc[2 * J] = _mm256_add_epi16(acc[2 * J], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(aj, bj), levels));
-  acc[2 * J + 1] = _mm256_add_epi16(acc[2 * J + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(aj, bj), levels));
-}
-
-// acc16 lane order -> outputs: vector 2j (unpacklo) holds outputs 32j + [0, 8) then 32j + [16, 24), vector 2j + 1
-// (unpackhi) 32j + [8, 16) then 32j + [24, 32).
-inline void flush_block(const __m256i* acc16, int32_t* out) {
-  for (int j = 0; j < 4; ++j) {
-    for (int h = 0; h < 2; ++h) {
-      const __m256i v = acc16[2 * j + h];
-      const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
-      const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
-      __m256i* p0 = reinterpret_cast<__m256i*>(out + 32 * j + 8 * h);
-      __m256i* p1 = reinterpret_cast<__m256i*>(out + 32 * j + 8 * h + 16);
-      _mm256_storeu_si256(p0, _mm256_add_epi32(_mm256_loadu_si256(p0), lo));
-      _mm256_storeu_si256(p1, _mm256_add_epi32(_mm256_loadu_si256(p1), hi));
-    }
-  }
-}
-#endif
-
-struct alignas(32) Lanes16 { int16_t lane[16]; };  // one AVX2 register of int16 sums, aligned for it
-
-// acc[o] += sum_i levels[i] * code(rows[i], o) for the n rows (acc: groups * 128 int32).
-void ternary_rows(const uint8_t* packed, int64_t groups, const int64_t* rows, const int8_t* levels, int64_t n,
-                  int32_t* acc, std::vector<Lanes16>& scratch) {
-  const int64_t stride = groups * 32;
-#if defined(__AVX2__) && defined(__FMA__)
-  scratch.resize(groups * 8);
-  __m256i* acc16 = reinterpret_cast<__m256i*>(scratch.data());
-  for (int64_t c = 0; c < n; c += 2 * kPairsPerFlush) {
-    std::fill(scratch.begin(), scratch.end(), Lanes16{});
-    const int64_t stop = std::min(n, c + 2 * kPairsPerFlush);
-    for (int64_t i = c; i < stop; i += 2) {
-      const bool pair = i + 1 < stop;
-      const uint8_t* r0 = packed + rows[i] * stride;
-      const uint8_t* r1 = pair ? packed + rows[i + 1] * stride : r0;
-      const uint8_t l0 = static_cast<uint8_t>(levels[i]), l1 = pair ? static_cast<uint8_t>(levels[i + 1]) : 0;
-      const __m256i lv = _mm256_set1_epi16(static_cast<int16_t>(l0 | (l1 << 8)));
-      if (i + kPrefetchRows + 1 < n) {  // rows of a few hundred bytes: ask for later ones before they are due
-        const char* ahead0 = reinterpret_cast<const char*>(packed + rows[i + kPrefetchRows] * stride);
-        const char* ahead1 = reinterpret_cast<const char*>(packed + rows[i + kPrefetchRows + 1] * stride);
-        for (int64_t line = 0; line < stride; line += 64) {
-          _mm_prefetch(ahead0 + line, _MM_HINT_T0);
-          _mm_prefetch(ahead1 + line, _MM_HINT_T0);
-        }
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 32 * g));
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + 32 * g));
-        __m256i* block = acc16 + 8 * g;
-        fold_code_pair<0>(a, b, lv, block);
-        fold_code_pair<1>(a, b, lv, block);
-        fold_code_pair<2>(a, b, lv, block);
-        fold_code_pair<3>(a, b, lv, block);
-      }
-    }
-    for (int64_t g = 0; g < groups; ++g) flush_block(acc16 + 8 * g, acc + 128 * g);
-  }
-#else
-  (void)scratch;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* r = packed + rows[i] * stride;
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t b = 0; b < 32; ++b) {
-        const uint8_t byte = r[32 * g + b];
-        for (int j = 0; j < 4; ++j) acc[128 * g + 32 * j + b] += levels[i] * ((byte >> (2 * j)) & 3);
-      }
-    }
-  }
-#endif
 }
 
 // A copy of t in memory that the kernel may back with 2 MiB pages (madvise; transparent huge pages in "madvise"

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from megatron_qsparse import kernels
-from megatron_qsparse.sparsity.bitnet import _weight_scale, ternary_codes
+from megatron_qsparse.sparsity.bitnet import ternary_codes, weight_scale
 from megatron_qsparse.sparsity.topk import kept_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -57,7 +57,7 @@ def pack_ternary(weight: torch.Tensor) -> (torch.Tensor, float):
     Codes and alpha are ``megatron_qsparse.sparsity.bitnet``'s (``ternary_codes``: RoundClip(W / alpha, -1, 1),
     alpha = mean|W| clamped). Row r of the result holds the codes + 1 of Wᵀ[r, :]; in each 32-byte block g, byte b
     carries outputs 128g + 32j + b (j = 0..3) in bits 2j, 2j+1 (the order engine.cpp unpacks)."""
-    alpha = float(_weight_scale(weight, None))
+    alpha = float(weight_scale(weight))
     codes = (ternary_codes(weight).t() + 1).to(torch.uint8)  # [in, out], {0, 1, 2}
     rows, out = codes.shape
     groups = -(-out // 128)

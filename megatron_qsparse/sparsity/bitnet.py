@@ -70,19 +70,21 @@ def _int8(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return levels.mul_(gamma / ACT_LEVELS).to(x.dtype)
 
 
-def _weight_scale(w: torch.Tensor, alpha: Optional[torch.Tensor]) -> torch.Tensor:
+def weight_scale(w: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ternary scale a BitNet weight is quantized with: ``alpha`` (a tensor-parallel reduction) or mean|W|,
+    clamped to EPS."""
     return (absmean_scale(w) if alpha is None else alpha).clamp(min=EPS)
 
 
 def quantize_weight_ternary(w: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``RoundClip(W / alpha, -1, 1) * alpha`` with alpha = mean|W| (clamped to EPS); STE gradient."""
-    alpha = _weight_scale(w, alpha)
+    alpha = weight_scale(w, alpha)
     return _StraightThrough.apply(w, lambda t: _ternary(t, alpha))
 
 
 def ternary_codes(w: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The integer weight codes in {-1, 0, 1} (for export and inspection)."""
-    return _ternary_levels(w, _weight_scale(w, alpha)).to(torch.int8)
+    return _ternary_levels(w, weight_scale(w, alpha)).to(torch.int8)
 
 
 def quantize_activation_int8(x: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> torch.Tensor:

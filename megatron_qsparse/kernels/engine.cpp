@@ -343,22 +343,8 @@ class Engine : public torch::CustomClassHolder {
       }
       for (int64_t d = 0; d < p.in; ++d) keep[b * p.in + d] &= x[b * p.in + d] != 0.f;
     }
-    rows_.resize(p.in);
-    int64_t n = 0;
-    for (int64_t d = 0; d < p.in; ++d) {  // branch-free compaction
-      bool any = false;
-      for (int64_t b = 0; b < B; ++b) any |= keep[b * p.in + d];
-      rows_[n] = d;
-      n += any;
-    }
-    values_in_.resize(B * n);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = b * p.in + rows_[i];
-        values_in_[b * n + i] = keep[at] ? x[at] : 0.f;
-      }
-    }
-    kept_ = n;
+    gather_kept(x, keep, B, p.in, rows_, values_in_);
+    kept_ = static_cast<int64_t>(rows_.size());
   }
 
   // y [B, out] = the projection of x [B, in] (BitNet: one token at a time, each with its own int8 scale).

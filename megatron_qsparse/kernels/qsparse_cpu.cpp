@@ -102,28 +102,6 @@ at::Tensor topk_mask(const at::Tensor& x, int64_t k, int64_t segment) {
   return mask;
 }
 
-// The rows any token keeps (ascending) and the tokens' inputs on them, zero where a token dropped the row.
-// Branch-free compaction: whether a row is kept is a coin flip for the branch predictor.
-void gather_kept(const float* x, const bool* mask, int64_t batch, int64_t in_features, std::vector<int64_t>& rows,
-                 std::vector<float>& values) {
-  rows.resize(in_features);
-  int64_t n = 0;
-  for (int64_t d = 0; d < in_features; ++d) {
-    bool any = false;
-    for (int64_t b = 0; b < batch; ++b) any |= mask[b * in_features + d];
-    rows[n] = d;
-    n += any;
-  }
-  rows.resize(n);
-  values.resize(batch * n);
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t at = b * in_features + rows[i];
-      values[b * n + i] = mask[at] ? x[at] : 0.f;
-    }
-  }
-}
-
 // x as fp32, [batch, in]: the input itself, or a per-thread converted copy of a bfloat16 input.
 const float* as_float(const at::Tensor& x) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();

@@ -1,4 +1,5 @@
-// The project's top-K selection (megatron_qsparse.sparsity.topk.topk_mask), one segment at a time.
+// The project's top-K selection (megatron_qsparse.sparsity.topk.topk_mask), one segment at a time, and the
+// compaction of the rows a batch keeps.
 // Shared by the compiled ops (qsparse_cpu.cpp) and the decode engine (engine.cpp).
 #pragma once
 #include <algorithm>
@@ -100,6 +101,28 @@ void select_topk(const X* x, int64_t size, int64_t k, Scratch& s, bool* keep) {
     const bool tie = m == sel.kth;
     keep[i] = ((m > sel.kth) & (m <= kInfinityBits)) | (tie & (ties > 0));
     ties -= tie;
+  }
+}
+
+// The rows any token keeps (ascending) and the tokens' inputs on them, zero where a token dropped the row.
+// Branch-free compaction: whether a row is kept is a coin flip for the branch predictor.
+inline void gather_kept(const float* x, const bool* mask, int64_t batch, int64_t in_features, std::vector<int64_t>& rows,
+                 std::vector<float>& values) {
+  rows.resize(in_features);
+  int64_t n = 0;
+  for (int64_t d = 0; d < in_features; ++d) {
+    bool any = false;
+    for (int64_t b = 0; b < batch; ++b) any |= mask[b * in_features + d];
+    rows[n] = d;
+    n += any;
+  }
+  rows.resize(n);
+  values.resize(batch * n);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = b * in_features + rows[i];
+      values[b * n + i] = mask[at] ? x[at] : 0.f;
+    }
   }
 }
 

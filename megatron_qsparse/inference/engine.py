@@ -183,6 +183,17 @@ class Engine:
                 f"max_seq_len >= {len(ids) + new_tokens}")
         return ids
 
+    def _start(self, temperature: float, top_k: Optional[int], top_p: Optional[float], seed: Optional[int]):
+        """Checks the sampling settings, empties the cache and seeds the sampler (None: fresh entropy); returns
+        the settings as the compiled sampler takes them (top_k 0 and top_p 1 mean off)."""
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise EngineError(f"top_p must lie in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 0:
+            raise EngineError(f"top_k must be >= 0, got {top_k}")
+        self.core.reset()
+        self.core.seed(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        return float(temperature), int(top_k or 0), float(top_p or 1.0)
+
     @torch.no_grad()
     def logits(self, input_ids) -> torch.Tensor:
         """fp32 logits [tokens, vocab] of every position of ``input_ids``, from an empty cache."""
@@ -200,15 +211,9 @@ class Engine:
         ``on_token`` sees each id as it is produced. Timings land in ``self.stats``."""
         if max_new_tokens < 0:
             raise EngineError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise EngineError(f"top_p must lie in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 0:
-            raise EngineError(f"top_k must be >= 0, got {top_k}")
         ids = self._check_prompt(input_ids, max_new_tokens)
         core = self.core
-        core.reset()
-        core.seed(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        temperature, top_k, top_p = float(temperature), int(top_k or 0), float(top_p or 1.0)
+        temperature, top_k, top_p = self._start(temperature, top_k, top_p, seed)
         self.stats = stats = GenerationStats(prompt_tokens=len(ids))
         new: List[int] = []
         start = time.perf_counter()
@@ -246,9 +251,7 @@ class Engine:
             raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompts = [self._check_prompt(p, max_new_tokens) for p in prompts]
         core = self.core
-        core.reset()
-        core.seed(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        temperature, top_k, top_p = float(temperature), int(top_k or 0), float(top_p or 1.0)
+        temperature, top_k, top_p = self._start(temperature, top_k, top_p, seed)
         fed = [0] * len(prompts)  # tokens fed so far, per sequence
         new: List[List[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)

@@ -1,13 +1,6 @@
-"""Checkpoints: the model as a megatron-core distributed checkpoint (loadable under any TP/PP layout), each rank's
-DeepSpeed ZeRO optimizer partition, each rank's RNG states, and the trainer state (step, config, layout).
-
-Layout on disk::
-
-    <root>/latest                        name of the newest complete checkpoint (replaced atomically)
-    <root>/step_0000100/model/           megatron-core dist_checkpointing (torch_dist)
-    <root>/step_0000100/optimizer/rank_00003.pt
-    <root>/step_0000100/rng/rank_00003.pt
-    <root>/step_0000100/trainer_state.json   written last, before the rename: marks the directory complete
+"""Writing and resuming checkpoints: the model as a megatron-core distributed checkpoint (loadable under any
+TP/PP layout), each rank's DeepSpeed ZeRO optimizer partition, each rank's RNG states, and the trainer state
+(step, config, layout). The format and its reading live in ``model/checkpoint.py``.
 
 Everything is written under ``<root>/.tmp-step_0000100`` and renamed when all ranks are done, so a killed save
 never leaves a directory that ``find_latest`` would pick. Our own files load with ``weights_only=True``.
@@ -18,18 +11,23 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-STATE_FILE = "trainer_state.json"
-LATEST = "latest"
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
+from megatron_qsparse import atomic
+from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side, re-exported for the trainer)
+    LATEST,
+    STATE_FILE,
+    complete_checkpoints,
+    find_latest,
+    load_model,
+    read_model_config,
+    read_trainer_state,
+    resolve_checkpoint,
+    step_name,
+)
 
 
 def _rank_file(directory: Path, kind: str) -> Path:
@@ -99,57 +97,14 @@ def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, k
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
-
-
-def _complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file() and (path / "model").is_dir()
+    atomic.write_text(root / LATEST, name + "\n")
 
 
 def _prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
-    complete = sorted(p for p in root.glob("step_*") if _complete(p))
-    for old in complete[:-keep]:
+    for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def find_latest(root: Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names if it is complete, else the newest complete ``step_*`` directory."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if _complete(named):
-            return named
-    complete = sorted(p for p in root.glob("step_*") if _complete(p))
-    return complete[-1] if complete else None
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a root holding ``latest``."""
-    path = Path(path)
-    if _complete(path):
-        return path
-    found = find_latest(path)
-    if found is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {STATE_FILE} and model/ inside, "
-                                f"or a '{LATEST}' pointer)")
-    return found
-
-
-def read_trainer_state(path: Path) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text())
-
-
-def load_model(model, path: Path) -> None:
-    """Load weights into this rank's model stage, whatever TP/PP layout wrote them."""
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "model"))
-    model.load_state_dict(state)
 
 
 def load_optimizer_and_rng(engine, path: Path) -> None:

@@ -12,7 +12,9 @@ from typing import Dict, Iterable, Optional
 import torch
 
 from megatron_qsparse.layers.site import SITES, SiteConfig
+from megatron_qsparse.parallel.layout import ParallelLayout
 from megatron_qsparse.sparsity.activations import activation_by_name
+from megatron_qsparse.sparsity.topk import check_sparsity
 
 
 NORMALIZATIONS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}  # ours -> megatron-core's names
@@ -128,8 +130,7 @@ class QSparseConfig:
         need(self.normalization in NORMALIZATIONS,
              f"normalization={self.normalization!r} must be one of {sorted(NORMALIZATIONS)}")
         for site in SITES:
-            r = self.sparsity.ratio(site)
-            need(0.0 <= r < 1.0, f"sparsity.{site}={r} must lie in [0, 1)")
+            check_sparsity(self.sparsity.ratio(site), f"model config: sparsity.{site}")
         if self.sparsity.block_size is not None:
             b = self.sparsity.block_size
             need(b > 0, f"sparsity.block_size must be positive, got {b}")
@@ -137,8 +138,10 @@ class QSparseConfig:
             need(self.num_experts > 0 and 0 < self.moe_router_topk <= self.num_experts,
                  f"moe_router_topk={self.moe_router_topk} must lie in [1, num_experts={self.num_experts}]")
 
-    def validate_layout(self, tp: int = 1, pp: int = 1, ep: int = 1, sequence_parallel: bool = False) -> None:
+    def validate_layout(self, layout: ParallelLayout) -> None:
         """Errors a parallel layout would otherwise hit deep inside megatron-core, stated up front."""
+        tp, pp, ep = layout.tp, layout.pp, layout.ep
+
         def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(f"parallel layout TP={tp} PP={pp} EP={ep}: {message}")
@@ -153,14 +156,14 @@ class QSparseConfig:
              "tensor_model_parallel_size (raise vocab_divisible_by)")
         need(self.num_layers % pp == 0, f"num_layers={self.num_layers} is not divisible by "
              "pipeline_model_parallel_size")
-        need(not sequence_parallel or tp > 1, "sequence_parallel needs tensor_model_parallel_size > 1")
         if self.num_experts:
-            need(self.num_experts % ep == 0, f"num_experts={self.num_experts} is not divisible by "
-                 "expert_model_parallel_size")
-            need(tp == 1 or sequence_parallel, "MoE with tensor parallelism needs sequence_parallel=True "
+            need(self.num_experts % ep == 0, f"expert_model_parallel_size (parallel.ep) must divide "
+                 f"model.num_experts ({self.num_experts})")
+            need(tp == 1 or layout.sp, "MoE with tensor parallelism needs sequence_parallel=True "
                  "(megatron-core requires it)")
         else:
-            need(ep == 1, "expert_model_parallel_size > 1 needs num_experts")
+            need(ep == 1, "expert parallelism needs experts: expert_model_parallel_size > 1 needs num_experts "
+                 "(set model.num_experts or parallel.ep=1)")
         block = self.sparsity.block_size
         if block:
             ffn = self.moe_ffn_hidden_size or self.ffn_hidden_size
@@ -181,8 +184,8 @@ class QSparseConfig:
     ):
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        self.validate_layout(tensor_model_parallel_size, pipeline_model_parallel_size,
-                             expert_model_parallel_size, sequence_parallel)
+        self.validate_layout(ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size,
+                                            expert_model_parallel_size, sequence_parallel))
         kwargs = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,

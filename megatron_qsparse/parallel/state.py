@@ -1,33 +1,12 @@
-"""A parallel layout and the one call that sets megatron-core's process groups up for it."""
+"""The one call that sets megatron-core's process groups up for a ``ParallelLayout``, and its teardown."""
 
 import contextlib
 import os
-from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from megatron_qsparse.parallel import cpu_compat
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tp: int = 1  # tensor model parallel
-    pp: int = 1  # pipeline model parallel
-    ep: int = 1  # expert model parallel (carved out of data parallel)
-    sp: bool = False  # sequence parallel (needs tp > 1)
-
-    def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = self.tp * self.pp
-        if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by TP×PP = {self.tp}×{self.pp}")
-        dp = world_size // model_parallel
-        if dp % self.ep and self.ep > 1:
-            raise ValueError(f"data-parallel size {dp} is not divisible by EP = {self.ep}")
-        return dp
-
-    def __str__(self) -> str:
-        parts = [f"tp{self.tp}"] + ([f"pp{self.pp}"] if self.pp > 1 else []) + ([f"ep{self.ep}"] if self.ep > 1 else [])
-        return "".join(parts) + ("+sp" if self.sp else "")
+from megatron_qsparse.parallel.layout import ParallelLayout
 
 
 def initialize_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:

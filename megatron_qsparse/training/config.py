@@ -15,18 +15,11 @@ from typing import Iterable, List, Optional
 import yaml
 
 from megatron_qsparse.model.config import PRESETS, QSparseConfig, apply_overrides
+from megatron_qsparse.parallel.layout import ParallelLayout
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any process starts."""
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    sp: bool = False
 
 
 @dataclass
@@ -99,7 +92,7 @@ class LogConfig:
     tensorboard: bool = True
 
 
-SECTIONS = {"parallel": ParallelConfig, "data": DataConfig, "batch": BatchConfig, "optimizer": OptimizerConfig,
+SECTIONS = {"parallel": ParallelLayout, "data": DataConfig, "batch": BatchConfig, "optimizer": OptimizerConfig,
             "schedule": ScheduleConfig, "train": TrainSection, "checkpoint": CheckpointConfig, "log": LogConfig}
 
 
@@ -107,7 +100,7 @@ SECTIONS = {"parallel": ParallelConfig, "data": DataConfig, "batch": BatchConfig
 class TrainConfig:
     model: QSparseConfig
     model_preset: str
-    parallel: ParallelConfig
+    parallel: ParallelLayout
     data: DataConfig
     batch: BatchConfig
     optimizer: OptimizerConfig
@@ -130,11 +123,9 @@ class TrainConfig:
     def zero_stage(self) -> int:
         return self.optimizer.zero_stage or (1 if self.parallel.pp > 1 else 2)
 
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tp * self.parallel.pp)
-
     def num_microbatches(self, world_size: int) -> int:
-        return self.batch.global_batch_size // (self.batch.micro_batch_size * self.data_parallel_size(world_size))
+        dp = self.parallel.data_parallel_size(world_size)
+        return self.batch.global_batch_size // (self.batch.micro_batch_size * dp)
 
     def to_dict(self) -> dict:
         out = {"model": dict(self.model.to_dict(), preset=self.model_preset)}
@@ -149,18 +140,8 @@ class TrainConfig:
                 raise ConfigError(f"{self.source}: {key}: {message}")
 
         p, b = self.parallel, self.batch
-        for key in ("tp", "pp", "ep"):
-            need(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
-        need(world_size % (p.tp * p.pp) == 0, "parallel",
-             f"world size {world_size} is not divisible by tp×pp = {p.tp}×{p.pp}; launch a multiple of "
-             f"{p.tp * p.pp} processes or change the layout")
-        dp = self.data_parallel_size(world_size)
-        need(p.ep == 1 or dp % p.ep == 0, "parallel.ep", f"must divide the data-parallel size {dp}")
-        need(p.ep == 1 or self.model.num_experts, "parallel.ep", "expert parallelism needs experts: set "
-             "model.num_experts or parallel.ep=1")
-        need(p.ep == 1 or (self.model.num_experts or 0) % p.ep == 0, "parallel.ep",
-             f"must divide model.num_experts ({self.model.num_experts})")
-        try:
+        try:  # the layout's own checks, then what the model's shapes admit under it
+            dp = p.data_parallel_size(world_size)
             self.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp)
         except ValueError as err:
             raise ConfigError(f"{self.source}: {err}") from None

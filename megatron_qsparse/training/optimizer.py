@@ -5,7 +5,7 @@ plain module (``engine.module``), in DeepSpeed's unmanaged gradient-accumulation
 per global batch reduces the accumulated gradients over the data-parallel group (ZeRO-1: in the step; ZeRO-2:
 reduce-scattered as backward produces them), clips them and updates the parameters. ``torch.optim.AdamW`` is the
 client optimizer (no JIT-built kernels needed). LR and weight decay are set on the parameter groups by the trainer
-each step (see ``schedules.py``).
+each step (see ``schedules.py``). Every DeepSpeed adaptation of the project lives here.
 """
 
 import contextlib
@@ -128,16 +128,24 @@ def deepspeed_sees_megatron_experts(model: torch.nn.Module):
         ds_engine.MoE = detected
 
 
+def discard_step(engine) -> None:
+    """Drop this step's gradients without touching parameters or optimizer moments (a non-finite loss): run the
+    engine's step, which finalizes and clears the ZeRO gradient state, with the inner optimizer's update
+    disabled. DeepSpeed's own overflow skip does not apply: it looks at the gradients, not at the loss."""
+    inner = engine.optimizer.optimizer
+    inner.step = lambda *args, **kwargs: None
+    try:
+        engine.step()
+    finally:
+        del inner.step
+
+
 def build_engine(model, *, lr, betas, eps, weight_decay, clip_grad, zero_stage, micro_batch_size,
                  num_microbatches, bf16=False):
     """A DeepSpeed engine owning the optimizer state of this rank's model stage."""
     import deepspeed
     from megatron.core import parallel_state as ps
 
-    if zero_stage not in (1, 2):
-        raise ValueError(f"optimizer.zero_stage must be 1 or 2, got {zero_stage}")
-    if zero_stage == 2 and ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError("optimizer.zero_stage=2 is not supported with pipeline parallelism: use 1")
     optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,

@@ -21,10 +21,11 @@ from megatron_qsparse.model.gpt import build_gpt_model
 from megatron_qsparse.model.init import default_init, initialize_weights
 from megatron_qsparse.model.summary import summarize
 from megatron_qsparse.parallel.grads import install_sequence_parallel_grad_hooks
-from megatron_qsparse.parallel.state import ParallelLayout, initialize_model_parallel
+from megatron_qsparse.parallel.state import initialize_model_parallel
+from megatron_qsparse.sparsity.stats import activated_parameters
 from megatron_qsparse.training import checkpoint as ckpt
 from megatron_qsparse.training.config import TrainConfig
-from megatron_qsparse.training.optimizer import build_engine, init_deepspeed_comm
+from megatron_qsparse.training.optimizer import build_engine, discard_step, init_deepspeed_comm
 from megatron_qsparse.training.schedules import lr_and_weight_decay, sparsity_scale
 from megatron_qsparse.training.step import forward_backward, global_mean_loss
 from megatron_qsparse.training.telemetry import (
@@ -76,11 +77,7 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
 
 def _check_same_shape(source: Path, cfg: TrainConfig) -> None:
     """A clear error instead of a tensor-shape failure deep in the checkpoint loader."""
-    from megatron_qsparse.model.config import QSparseConfig
-
-    saved = dict(ckpt.read_trainer_state(source)["config"]["model"])
-    saved.pop("preset", None)
-    saved_cfg = QSparseConfig.from_dict(saved)
+    saved_cfg = ckpt.read_model_config(source)
     differs = {k: (getattr(saved_cfg, k), getattr(cfg.model, k)) for k in SHAPE_FIELDS
                if getattr(saved_cfg, k) != getattr(cfg.model, k)}
     if differs:
@@ -125,8 +122,7 @@ class Trainer:
         self.preemption = PreemptionFlag()  # first: a signal during start-up must not kill the job unsaved
         self.world_size = dist.get_world_size()
         cfg.validate(self.world_size)
-        p = cfg.parallel
-        self.layout = ParallelLayout(tp=p.tp, pp=p.pp, ep=p.ep, sp=p.sp)
+        self.layout = p = cfg.parallel
         initialize_model_parallel(self.layout, seed=cfg.train.seed)
         init_deepspeed_comm()
         from megatron.core import parallel_state as ps
@@ -214,14 +210,15 @@ class Trainer:
         return lr
 
     def _skip_step(self) -> None:
-        """Discard this step's gradients without touching parameters or optimizer moments: run the engine's
-        step (which finalizes and clears the ZeRO gradient state) with the inner optimizer's update disabled."""
-        inner = self.engine.optimizer.optimizer
-        inner.step = lambda *args, **kwargs: None
-        try:
-            self.engine.step()
-        finally:
-            del inner.step
+        discard_step(self.engine)
+
+    def _eval_interval_hits(self, done: int) -> bool:
+        interval = self.cfg.log.eval_interval
+        return bool(interval) and done % interval == 0
+
+    def _evaluates(self, done: int) -> bool:
+        """Whether the step that brings the count to ``done`` evaluates (and records per-layer telemetry)."""
+        return self._eval_interval_hits(done) or done == self.cfg.train.steps
 
     def evaluate(self) -> Optional[dict]:
         if self.data.valid is None:
@@ -239,76 +236,98 @@ class Trainer:
         bpb = loss * self.data.valid_tokens / max(self.data.valid_bytes, 1) / math.log(2)
         return {"loss": loss, "bits_per_byte": bpb}
 
+    def train_step(self, step: int) -> Optional[dict]:
+        """Global batch ``step`` (0-based): forward/backward, the loss agreed across ranks, the update. Returns the
+        step's metrics, or None when a non-finite loss made it skip the update."""
+        cfg = self.cfg
+        lr = self._set_hyperparameters(step)
+        record_sparsity(self.model, True)
+        # Per-layer gradient norms only where they are reported (gradient hooks cost time).
+        capture = GradientCapture(self.model) if self._eval_interval_hits(step + 1) else None
+        t0 = time.time()
+        local = forward_backward(self._forward, self.model, self._batches(self.data.train, step),
+                                 cfg.model.seq_length)
+        loss = global_mean_loss(local)
+        layer_grads = capture.layer_norms(cfg.model.num_layers) if capture else None
+        if not math.isfinite(loss):
+            self._skip_nonfinite(step + 1, loss)
+            return None
+        self.nonfinite = 0
+        self.engine.step()
+        elapsed = time.time() - t0
+        return self._metrics(step + 1, loss, lr, elapsed, layer_grads)
+
+    def _skip_nonfinite(self, done: int, loss: float) -> None:
+        self._skip_step()
+        self.nonfinite += 1
+        console(f"step {done}: non-finite loss {loss}, step skipped ({self.nonfinite} in a row)")
+        self.writer.write({"step": done, "loss": loss, "skipped": True})
+        if self.nonfinite >= self.cfg.train.max_nonfinite_steps:
+            console(f"aborting: {self.nonfinite} consecutive non-finite losses; the last checkpoint is intact")
+            raise TrainingStopped(EXIT_NONFINITE)
+
+    def _metrics(self, done: int, loss: float, lr: float, elapsed: float, layer_grads) -> dict:
+        cfg = self.cfg
+        per_layer = sparsity_by_layer(self.model, cfg.model.num_layers)
+        sparsity = site_means(per_layer)
+        tokens_per_s = cfg.batch.global_batch_size * cfg.model.seq_length / elapsed
+        _, activated = activated_parameters(cfg.model.activated_block_linear_params(), sparsity)
+        record = {"step": done, "loss": loss, "lr": lr, "grad_norm": float(self.engine.get_global_grad_norm()),
+                  "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "sparsity": sparsity,
+                  "activated_params": activated}  # N_a with the measured per-site input sparsity
+        utilization = mfu(tokens_per_s, 6 * activated)
+        if utilization is not None:
+            record["mfu"] = utilization
+        if self._evaluates(done):
+            record["layers"] = {"sparsity": {s: per_layer[:, i].tolist() for i, s in enumerate(sparsity)}}
+            if layer_grads is not None:
+                record["layers"]["grad_norm"] = layer_grads.tolist()
+        return record
+
+    def _log(self, record: dict) -> None:
+        self.writer.write(record)
+        done, steps = record["step"], self.cfg.train.steps
+        if done % self.cfg.log.interval == 0 or done == steps or done == self.start_step + 1 or "eval" in record:
+            console(self._line(record, steps))
+
+    def _save_or_stop(self, done: int) -> None:
+        """The interval checkpoint, and on an agreed preemption signal a checkpoint and the exit."""
+        steps = self.cfg.train.steps
+        if self.cfg.checkpoint.interval and done % self.cfg.checkpoint.interval == 0 and done < steps:
+            self.save(done)
+        if done < steps and self.preemption.agreed():
+            self.save(done)
+            console(f"stopping on signal {self.preemption.signal} at step {done}; exit {EXIT_PREEMPTED}")
+            raise TrainingStopped(EXIT_PREEMPTED)
+
+    def _banner(self) -> str:
+        cfg, s = self.cfg, self.summary
+        return (f"training {cfg.model_preset} ({s['total_parameters'] / 1e6:.1f}M parameters, "
+                f"N={s['block_linear_parameters_N'] / 1e6:.1f}M, N_a={s['activated_parameters_N_a'] / 1e6:.1f}M) "
+                f"layout {self.layout} on {self.world_size} processes, {self.num_microbatches} microbatches, "
+                f"ZeRO-{cfg.zero_stage}, {self.dtype}, steps {self.start_step}..{cfg.train.steps}")
+
     def train(self) -> dict:
-        cfg, steps = self.cfg, self.cfg.train.steps
-        tokens_per_step = cfg.batch.global_batch_size * cfg.model.seq_length
-        console(f"training {cfg.model_preset} ({self.summary['total_parameters'] / 1e6:.1f}M parameters, "
-                f"N={self.summary['block_linear_parameters_N'] / 1e6:.1f}M, "
-                f"N_a={self.summary['activated_parameters_N_a'] / 1e6:.1f}M) layout {self.layout} on "
-                f"{self.world_size} processes, {self.num_microbatches} microbatches, ZeRO-{cfg.zero_stage}, "
-                f"{self.dtype}, steps {self.start_step}..{steps}")
-        nonfinite, first_loss, last_loss, last_eval = 0, None, None, None
-        step = self.start_step
-        while step < steps:
-            lr = self._set_hyperparameters(step)
-            logging = (step + 1) % cfg.log.interval == 0 or step + 1 == steps or step == self.start_step
-            evaluating = cfg.log.eval_interval and (step + 1) % cfg.log.eval_interval == 0
-            record_sparsity(self.model, True)
-            capture = GradientCapture(self.model) if evaluating else None
-            t0 = time.time()
-            local = forward_backward(self._forward, self.model, self._batches(self.data.train, step),
-                                     cfg.model.seq_length)
-            loss = global_mean_loss(local)
-            layer_grads = capture.layer_norms(cfg.model.num_layers) if capture else None
-            if not math.isfinite(loss):
-                self._skip_step()
-                nonfinite += 1
-                console(f"step {step + 1}: non-finite loss {loss}, step skipped ({nonfinite} in a row)")
-                self.writer.write({"step": step + 1, "loss": loss, "skipped": True})
-                if nonfinite >= cfg.train.max_nonfinite_steps:
-                    console(f"aborting: {nonfinite} consecutive non-finite losses; the last checkpoint is intact")
-                    raise TrainingStopped(EXIT_NONFINITE)
-                step += 1
+        steps = self.cfg.train.steps
+        console(self._banner())
+        self.nonfinite = 0
+        first_loss = last_loss = last_eval = None
+        for step in range(self.start_step, steps):
+            record = self.train_step(step)
+            if record is None:
                 continue
-            nonfinite = 0
-            self.engine.step()
-            elapsed = time.time() - t0
-            step += 1
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-            per_layer = sparsity_by_layer(self.model, cfg.model.num_layers)
-            sparsity = site_means(per_layer)
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(self.engine.get_global_grad_norm()),
-                      "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed, "sparsity": sparsity,
-                      "activated_params": self._activated(sparsity)}
-            utilization = mfu(record["tokens_per_s"], 6 * record["activated_params"])
-            if utilization is not None:
-                record["mfu"] = utilization
-            if evaluating or step == steps:
+            first_loss = record["loss"] if first_loss is None else first_loss
+            last_loss = record["loss"]
+            if "layers" in record:
                 last_eval = self.evaluate()
                 if last_eval:
                     record["eval"] = last_eval
-                record["layers"] = {"sparsity": {s: per_layer[:, i].tolist() for i, s in enumerate(sparsity)}}
-                if layer_grads is not None:
-                    record["layers"]["grad_norm"] = layer_grads.tolist()
-            self.writer.write(record)
-            if logging or "eval" in record:
-                console(self._line(record, steps))
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < steps:
-                self.save(step)
-            if step < steps and self.preemption.agreed():
-                self.save(step)
-                console(f"stopping on signal {self.preemption.signal} at step {step}; exit {EXIT_PREEMPTED}")
-                raise TrainingStopped(EXIT_PREEMPTED)
-        final = self.save(steps) if self.start_step < steps else ckpt.find_latest(cfg.checkpoint_dir)
+            self._log(record)
+            self._save_or_stop(record["step"])
+        final = self.save(steps) if self.start_step < steps else ckpt.find_latest(self.cfg.checkpoint_dir)
         self.writer.close()
         return {"first_loss": first_loss, "last_loss": last_loss, "eval": last_eval, "checkpoint": str(final),
                 "steps": steps}
-
-    def _activated(self, sparsity: Dict[str, float]) -> float:
-        """N_a with the measured per-site input sparsity."""
-        per_site = self.cfg.model.activated_block_linear_params()
-        return sum(n * (1.0 - sparsity.get(site, 0.0)) for site, n in per_site.items())
 
     @staticmethod
     def _line(r: dict, steps: int) -> str:

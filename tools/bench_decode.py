@@ -67,10 +67,11 @@ from megatron_qsparse.inference.decode_layer import (  # noqa: E402
     random_weights,
     sparse_projections,
 )
+from megatron_qsparse import kernels  # noqa: E402
 from megatron_qsparse.model import preset  # noqa: E402
 
 SHAPES = {"7b": "7b", "mistral-7b": "mistral-7b"}  # bench name -> model preset
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = kernels.DTYPES
 GOALS = {0.5: 1.8, 0.6: 2.2}  # per-layer speedup the issue asks for at these sparsities
 GENERATE_PRESET = "300m"  # the whole-model section's shape
 

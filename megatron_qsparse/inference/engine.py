@@ -33,7 +33,7 @@ from megatron_qsparse import kernels
 from megatron_qsparse.sparsity.bitnet import ternary_codes, weight_scale
 from megatron_qsparse.sparsity.topk import kept_count
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = kernels.DTYPES
 ACTIVATIONS = {"relu2": 0, "silu": 1}
 NORMS = {"rmsnorm": 0, "layernorm": 1}
 DENSE, GATHER, TERNARY = 0, 1, 2  # projection kinds of engine.cpp

@@ -29,7 +29,6 @@ from megatron_qsparse import kernels
 # kMaxBatch in the source. Beyond a few dozen tokens (prefill) the union is ~all rows and a BLAS matmul wins
 # (measured: 2x faster at 256 tokens, fp32).
 MAX_KERNEL_BATCH = 64
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # of the weight and the input; others take the torch route
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,8 +43,8 @@ backend = kernels.backend
 
 def kernel_applies(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
     """Whether the compiled op takes this call (else the torch route of sparse_linear.py does)."""
-    return (load_kernel() is not None and weight_t.device.type == "cpu" and weight_t.dtype in KERNEL_DTYPES
-            and x.dtype in KERNEL_DTYPES and 1 <= x.shape[0] <= MAX_KERNEL_BATCH)
+    return (load_kernel() is not None and weight_t.device.type == "cpu" and weight_t.dtype in kernels.DTYPES.values()
+            and x.dtype in kernels.DTYPES.values() and 1 <= x.shape[0] <= MAX_KERNEL_BATCH)
 
 
 def compiled_topk_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], k: int,

@@ -25,6 +25,7 @@ import torch
 HERE = Path(__file__).parent
 SOURCES = ("qsparse_cpu.cpp", "engine.cpp")  # compiled into one library
 HEADERS = ("rows.h", "select.h", "ternary.h")  # included by the sources
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what the compiled ops read and write, by name
 _LOAD_ERROR: List[str] = []  # why load() returned None, for require()
 
 
@@ -100,7 +101,7 @@ def backend() -> str:
 
 def compiled_op(name: str, x: torch.Tensor):
     """``torch.ops.qsparse.<name>`` for a CPU fp32/bf16 tensor ``x`` where the ops are built, else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type != "cpu" or x.dtype not in DTYPES.values():
         return None
     ops = load()
     return None if ops is None else getattr(ops, name)

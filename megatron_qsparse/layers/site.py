@@ -9,7 +9,7 @@ import torch
 from megatron_qsparse.parallel.sharded_quant import sharded_absmax, sharded_absmean
 from megatron_qsparse.parallel.sharded_topk import sharded_sparsity_mask
 from megatron_qsparse.sparsity.bitnet import quantize_activation_int8, quantize_weight_ternary
-from megatron_qsparse.sparsity.topk import apply_mask
+from megatron_qsparse.sparsity.topk import apply_mask, check_sparsity
 
 SITES = ("qkv", "proj", "fc1", "fc2")
 
@@ -27,8 +27,7 @@ class SiteConfig:
     def __post_init__(self):
         if self.name not in SITES:
             raise ValueError(f"unknown site {self.name!r}; sites are {SITES}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"site {self.name}: sparsity must lie in [0, 1), got {self.sparsity}")
+        check_sparsity(self.sparsity, f"site {self.name}: sparsity")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"site {self.name}: block_size must be a positive integer, got {self.block_size}")
 

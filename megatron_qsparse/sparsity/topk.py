@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 
 
-def check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    """The one check of a sparsity ratio: it lies in [0, 1) (1 would keep nothing). ``name`` says which."""
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+        raise ValueError(f"{name}={sparsity} must lie in [0, 1)")
     return sparsity
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qsparse import atomic
+from megatron_qsparse.training.optimizer import load_zero_partition, save_zero_partition
 from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side, re-exported for the trainer)
     LATEST,
     STATE_FILE,
@@ -32,15 +33,6 @@ from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side
 
 def _rank_file(directory: Path, kind: str) -> Path:
     return directory / kind / f"rank_{dist.get_rank():05d}.pt"
-
-
-def _deepspeed_safe_globals() -> list:
-    """The plain DeepSpeed classes inside a ZeRO optimizer state dict, allowed for weights_only loading."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def rng_state() -> dict:
@@ -82,7 +74,7 @@ def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, k
             (tmp / sub).mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-    torch.save(engine.optimizer.state_dict(), _rank_file(tmp, "optimizer"))
+    save_zero_partition(engine, _rank_file(tmp, "optimizer"))
     torch.save(rng_state(), _rank_file(tmp, "rng"))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -109,11 +101,5 @@ def _prune(root: Path, keep: int) -> None:
 
 def load_optimizer_and_rng(engine, path: Path) -> None:
     """This rank's ZeRO partition and RNG states; only valid for the layout and world size that saved them."""
-    from megatron.core import parallel_state as ps
-
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        optimizer_state = torch.load(_rank_file(Path(path), "optimizer"), weights_only=True)
-    states = [None] * ps.get_data_parallel_world_size()
-    states[ps.get_data_parallel_rank()] = optimizer_state
-    engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+    load_zero_partition(engine, _rank_file(Path(path), "optimizer"))
     set_rng_state(torch.load(_rank_file(Path(path), "rng"), weights_only=True))

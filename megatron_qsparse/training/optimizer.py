@@ -128,6 +128,31 @@ def deepspeed_sees_megatron_experts(model: torch.nn.Module):
         ds_engine.MoE = detected
 
 
+def deepspeed_safe_globals() -> list:
+    """The plain DeepSpeed classes inside a ZeRO optimizer state dict, allowed for weights_only loading."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def save_zero_partition(engine, path) -> None:
+    """This rank's ZeRO optimizer partition (moments, fp32 master weights, step counts)."""
+    torch.save(engine.optimizer.state_dict(), path)
+
+
+def load_zero_partition(engine, path) -> None:
+    """The partition ``save_zero_partition`` wrote, for the same layout and world size; ``weights_only``."""
+    from megatron.core import parallel_state as ps
+
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        state = torch.load(path, weights_only=True)
+    states = [None] * ps.get_data_parallel_world_size()  # DeepSpeed takes one entry per data-parallel rank
+    states[ps.get_data_parallel_rank()] = state
+    engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
 def discard_step(engine) -> None:
     """Drop this step's gradients without touching parameters or optimizer moments (a non-finite loss): run the
     engine's step, which finalizes and clears the ZeRO gradient state, with the inner optimizer's update

@@ -46,7 +46,7 @@ def test_loss_trajectory_equals_single_process(runs, layout):
 
 
 def _adam_moment_elements(checkpoint_dir):
-    from megatron_qsparse.training.checkpoint import _deepspeed_safe_globals
+    from megatron_qsparse.training.optimizer import deepspeed_safe_globals as _deepspeed_safe_globals
 
     counts = []
     for path in sorted((checkpoint_dir / "optimizer").glob("rank_*.pt")):

@@ -13,7 +13,8 @@ from pathlib import Path
 # Runs from a checkout without installing the package (`python tools/...`), like megatron-core's own tools.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_qsparse.data.preprocess import INPUT_FORMATS, TEXT_UNITS, PreprocessError, preprocess  # noqa: E402
+from megatron_qsparse.data.preprocess import preprocess  # noqa: E402
+from megatron_qsparse.data.readers import INPUT_FORMATS, TEXT_UNITS, PreprocessError  # noqa: E402
 from megatron_qsparse.data.tokenizer import TokenizerError  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 # Runs from a checkout without installing the package (`python tools/...`), like megatron-core's own tools.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_qsparse.data.preprocess import PreprocessError  # noqa: E402
+from megatron_qsparse.data.readers import PreprocessError  # noqa: E402
 from megatron_qsparse.data.tokenizer import TokenizerError, load_tokenizer, train_bpe_tokenizer  # noqa: E402
 
 

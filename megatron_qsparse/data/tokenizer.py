@@ -9,11 +9,12 @@ so the only `eod` in a preprocessed corpus is the one appended after each docume
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from megatron_qsparse.atomic import atomic_directory
+from megatron_qsparse.data.readers import iter_document_texts, offline_hugging_face
 
 END_OF_TEXT = "<|endoftext|>"
 # What save_pretrained writes for one kind of tokenizer or another; a directory with none of them is not one.
@@ -113,8 +114,8 @@ def train_bpe_tokenizer(
     `<|endoftext|>`, is the end-of-document and pad token. It is built in a temporary sibling directory and
     renamed into place, so `output_dir` is either absent or complete.
     """
-    from megatron_qsparse.data.preprocess import iter_document_texts
-
+    # Before `datasets` (reading) and `transformers` (saving) are first imported: they read the switch only then.
+    offline_hugging_face()
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
     output_dir = Path(output_dir)
@@ -159,12 +160,6 @@ def _save_atomically(backend: Any, output_dir: Path) -> None:
         pad_token=END_OF_TEXT,
         clean_up_tokenization_spaces=False,
     )
-    # A sibling (same file system, so the rename is atomic) made with the usual permissions, unlike mkdtemp's 0700.
-    staging = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
+    # Not replace=True: the caller has refused an output directory that is not empty; an empty one is replaced.
+    with atomic_directory(output_dir) as staging:
         hf_tokenizer.save_pretrained(str(staging))
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

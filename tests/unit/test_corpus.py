@@ -338,7 +338,7 @@ def refuse_downloads(monkeypatch):
     def no_download(package, *args, **kwargs):
         raise AssertionError(f"unexpected download of {package}")
 
-    monkeypatch.setattr(corpus, "download_debian_package", no_download)
+    monkeypatch.setattr("megatron_qsparse.data.corpus.fetch.download_debian_package", no_download)
 
 
 def test_cached_corpus_is_reused_without_download(tmp_path, monkeypatch):

@@ -40,8 +40,12 @@ def prepare_data(corpus) -> None:
     stamp = DATA / "corpus.manifest.json"
     manifest = corpus.manifest.read_text()
     prefixes = {"train": DATA / "corpus_train_text_document", "heldout": DATA / "corpus_heldout_text_document"}
-    ready = stamp.exists() and stamp.read_text() == manifest and all(
-        p.with_suffix(".idx").exists() for p in prefixes.values()) and (DATA / "tokenizer").is_dir()
+    ready = (
+        stamp.exists()
+        and stamp.read_text() == manifest
+        and all(p.with_suffix(".idx").exists() for p in prefixes.values())
+        and (DATA / "tokenizer").is_dir()
+    )
     if ready:
         print(f"data ready in {DATA} (tokenizer, {', '.join(p.name for p in prefixes.values())})")
         return
@@ -65,17 +69,24 @@ def summarize_run(config, started: float) -> None:
     model = summarize(config.model)
     last = trained[-1]
     print("\n== summary")
-    print(f"model              {config.model_preset}: {model['total_parameters'] / 1e6:.2f}M parameters, "
-          f"N = {model['block_linear_parameters_N'] / 1e6:.2f}M block-linear, "
-          f"N_a = {model['activated_parameters_N_a'] / 1e6:.2f}M configured / "
-          f"{last['activated_params'] / 1e6:.2f}M measured")
+    print(
+        f"model              {config.model_preset}: {model['total_parameters'] / 1e6:.2f}M parameters, "
+        f"N = {model['block_linear_parameters_N'] / 1e6:.2f}M block-linear, "
+        f"N_a = {model['activated_parameters_N_a'] / 1e6:.2f}M configured / "
+        f"{last['activated_params'] / 1e6:.2f}M measured"
+    )
     print(f"training loss      {trained[0]['loss']:.3f} (step 1) -> {last['loss']:.3f} (step {last['step']})")
     if evals:
         first, final = evals[0], evals[-1]
-        print(f"held-out loss      {first['eval']['loss']:.3f} (step {first['step']}) -> {final['eval']['loss']:.3f} "
-              f"(step {final['step']}), {final['eval']['bits_per_byte']:.3f} bits per byte")
-    print("realized sparsity  " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in last["sparsity"].items())
-          + " (input of each projection, averaged over layers; ReLU² adds natural zeros at fc2)")
+        print(
+            f"held-out loss      {first['eval']['loss']:.3f} (step {first['step']}) -> {final['eval']['loss']:.3f} "
+            f"(step {final['step']}), {final['eval']['bits_per_byte']:.3f} bits per byte"
+        )
+    print(
+        "realized sparsity  "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in last["sparsity"].items())
+        + " (input of each projection, averaged over layers; ReLU² adds natural zeros at fc2)"
+    )
     throughput = sum(r["tokens_per_s"] for r in trained[1:]) / max(len(trained) - 1, 1)
     print(f"throughput         {throughput:,.0f} tokens/s (mean over steps)")
     print(f"checkpoints        {config.checkpoint_dir}")
@@ -96,8 +107,11 @@ def main(argv=None) -> int:
     config = load_config(CONFIG, overrides)
     stage(f"training ({CONFIG.relative_to(REPO)}) on {args.nproc} process(es)")
     trainer = [str(REPO / "pretrain_scripts" / "pretrain_qsparse.py"), "--config", str(CONFIG), *trainer_args]
-    launcher = [sys.executable] if args.nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    launcher = (
+        [sys.executable]
+        if args.nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    )
     code = subprocess.call(launcher + trainer, cwd=REPO)
     if code != 0:
         print(f"training exited with {code}", file=sys.stderr)

@@ -13,8 +13,13 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 # Hermetic and offline: a private Hugging Face cache, no hub; set before `datasets` is first imported.
 _HF_HOME = tempfile.mkdtemp(prefix="qsparse-hf-")
 atexit.register(shutil.rmtree, _HF_HOME, True)
-os.environ.update(HF_HOME=_HF_HOME, HF_DATASETS_CACHE=str(Path(_HF_HOME) / "datasets"), HF_DATASETS_OFFLINE="1",
-                  HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+os.environ.update(
+    HF_HOME=_HF_HOME,
+    HF_DATASETS_CACHE=str(Path(_HF_HOME) / "datasets"),
+    HF_DATASETS_OFFLINE="1",
+    HF_HUB_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SLICE = Path(__file__).resolve().parent / "data" / "corpus_slice.jsonl"
@@ -51,12 +56,17 @@ def corpus(tmp_path_factory):
     valid.write_text("".join(json.dumps(d) + "\n" for i, d in enumerate(docs) if i % 8 == 3))
     tokenizer = train_bpe_tokenizer([train], root / "tokenizer", vocab_size=2048)
     for name, source in (("train", train), ("valid", valid)):
-        preprocess([source], root / name, tokenizer, input_format="jsonl", workers=1, log=lambda m: None,
-                   progress=False)
-    return {"root": root, "tokenizer": str(tokenizer), "train": str(root / "train"), "valid": str(root / "valid"),
-            "train_jsonl": train, "docs": docs}
-
-
+        preprocess(
+            [source], root / name, tokenizer, input_format="jsonl", workers=1, log=lambda m: None, progress=False
+        )
+    return {
+        "root": root,
+        "tokenizer": str(tokenizer),
+        "train": str(root / "train"),
+        "valid": str(root / "valid"),
+        "train_jsonl": train,
+        "docs": docs,
+    }
 
 
 @pytest.fixture(scope="session")

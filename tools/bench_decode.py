@@ -55,8 +55,9 @@ warnings.filterwarnings("ignore")  # megatron-core's notices about apex / Transf
 import copy  # noqa: E402
 
 import torch  # noqa: E402
-
 from bench_timing import CacheEvictor, interleaved_medians, machine, machine_line, print_report  # noqa: E402
+
+from megatron_qsparse import kernels  # noqa: E402
 from megatron_qsparse.hf.convert import hf_config_from  # noqa: E402
 from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM, SiteLinear  # noqa: E402
 from megatron_qsparse.inference import SparseDecodeLinear, backend  # noqa: E402
@@ -67,7 +68,6 @@ from megatron_qsparse.inference.decode_layer import (  # noqa: E402
     random_weights,
     sparse_projections,
 )
-from megatron_qsparse import kernels  # noqa: E402
 from megatron_qsparse.model import preset  # noqa: E402
 
 SHAPES = {"7b": "7b", "mistral-7b": "mistral-7b"}  # bench name -> model preset
@@ -132,11 +132,15 @@ def bench_shape_dtype(shape_name: str, dtype_name: str, args) -> List[dict]:
     sparse = sparse_projections(weights, 0.0)
     # The same stored Wᵀ, read whole: the gather kernel's own dense baseline.
     kernel_dense = {site: SparseDecodeLinear(m.weight_t, 0.0, input_major=True) for site, m in sparse.items()}
-    layers = {name: DecodeLayer(shape, projections, args.batch, args.kv_cache, dtype)
-              for name, projections in (("dense-torch", dense), ("dense-kernel", kernel_dense), ("sparse", sparse))}
+    layers = {
+        name: DecodeLayer(shape, projections, args.batch, args.kv_cache, dtype)
+        for name, projections in (("dense-torch", dense), ("dense-kernel", kernel_dense), ("sparse", sparse))
+    }
     generator = torch.Generator().manual_seed(2)
-    inputs = {site: torch.randn(args.batch, fan_in, generator=generator).to(dtype)
-              for site, (fan_in, _) in shape.projection_sizes().items()}
+    inputs = {
+        site: torch.randn(args.batch, fan_in, generator=generator).to(dtype)
+        for site, (fan_in, _) in shape.projection_sizes().items()
+    }
     hidden = torch.randn(args.batch, shape.hidden, generator=generator).to(dtype)
     evict = CacheEvictor()
     rows = []
@@ -145,16 +149,33 @@ def bench_shape_dtype(shape_name: str, dtype_name: str, args) -> List[dict]:
         for module in sparse.values():
             module.set_sparsity(sparsity)
         for site, x in inputs.items():
-            calls = {"dense-torch": lambda: dense[site](x), "dense-kernel": lambda: kernel_dense[site](x),
-                     "sparse": lambda: sparse[site](x)}
+            calls = {
+                "dense-torch": lambda site=site, x=x: dense[site](x),
+                "dense-kernel": lambda site=site, x=x: kernel_dense[site](x),
+                "sparse": lambda site=site, x=x: sparse[site](x),
+            }
             fan_in, fan_out = shape.projection_sizes()[site]
-            row = {"shape": shape_name, "dtype": dtype_name, "sparsity": sparsity, "part": site, "in": fan_in,
-                   "out": fan_out, "rows_read": sparse[site].kept_rows(x).numel() / fan_in}
+            row = {
+                "shape": shape_name,
+                "dtype": dtype_name,
+                "sparsity": sparsity,
+                "part": site,
+                "in": fan_in,
+                "out": fan_out,
+                "rows_read": sparse[site].kept_rows(x).numel() / fan_in,
+            }
             row.update(speedups(interleaved_medians(calls, args.warmup, args.repeats, evict), sparsity))
             rows.append(row)
         calls = {name: (lambda layer=layer: layer(hidden)) for name, layer in layers.items()}
-        row = {"shape": shape_name, "dtype": dtype_name, "sparsity": sparsity, "part": "layer", "in": shape.hidden,
-               "out": shape.hidden, "rows_read": None}
+        row = {
+            "shape": shape_name,
+            "dtype": dtype_name,
+            "sparsity": sparsity,
+            "part": "layer",
+            "in": shape.hidden,
+            "out": shape.hidden,
+            "rows_read": None,
+        }
         row.update(speedups(interleaved_medians(calls, args.warmup, args.repeats, evict), sparsity))
         rows.append(row)
     return rows
@@ -176,16 +197,27 @@ def set_site_sparsity(model: QSparseForCausalLM, sparsity: float) -> None:
             module.sparsity = sparsity
 
 
-def generate_calls(models: Dict[str, QSparseForCausalLM], sparsity: float, prompt: torch.Tensor, new_tokens: int,
-                   outputs: dict) -> dict:
+def generate_calls(
+    models: Dict[str, QSparseForCausalLM], sparsity: float, prompt: torch.Tensor, new_tokens: int, outputs: dict
+) -> dict:
     """One greedy generate() of exactly ``new_tokens`` per variant; each call stores its ids in ``outputs``."""
-    variants = {"dense": (models["natural"], 0.0, False), "masked": (models["natural"], sparsity, False),
-                "kernel": (models["kernel"], sparsity, True)}
+    variants = {
+        "dense": (models["natural"], 0.0, False),
+        "masked": (models["natural"], sparsity, False),
+        "kernel": (models["kernel"], sparsity, True),
+    }
 
     def call(name, model, ratio, kernel):
         set_site_sparsity(model, ratio)
-        outputs[name] = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                       do_sample=False, use_cache=True, pad_token_id=0, use_sparse_kernel=kernel)
+        outputs[name] = model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            use_sparse_kernel=kernel,
+        )
 
     return {name: (lambda name=name, v=v: call(name, *v)) for name, v in variants.items()}
 
@@ -195,22 +227,31 @@ def bench_generate_dtype(dtype_name: str, args) -> List[dict]:
     progress(f"generate {dtype_name}: building the {GENERATE_PRESET}-shaped model ({args.gen_layers} layers)")
     natural = generate_model(DTYPES[dtype_name], args.gen_layers)
     models = {"natural": natural, "kernel": copy.deepcopy(natural)}
-    prompt = torch.randint(0, natural.config.vocab_size, (1, args.prompt_tokens),
-                           generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(
+        0, natural.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(3)
+    )
     rows = []
     for sparsity in args.gen_sparsities:
         progress(f"generate {dtype_name}: sparsity {sparsity}")
         outputs = {}
         for warm in generate_calls(models, sparsity, prompt, 2, outputs).values():
             warm()  # compiles the kernel, re-lays out the kernel copy's weights
-        times = interleaved_medians(generate_calls(models, sparsity, prompt, args.new_tokens, outputs), 0,
-                                    args.gen_repeats)
+        times = interleaved_medians(
+            generate_calls(models, sparsity, prompt, args.new_tokens, outputs), 0, args.gen_repeats
+        )
         rate = {name: args.new_tokens / (ms / 1e3) for name, ms in times.items()}
-        rows.append({"dtype": dtype_name, "sparsity": sparsity, "dense_tokens_per_s": rate["dense"],
-                     "masked_tokens_per_s": rate["masked"], "kernel_tokens_per_s": rate["kernel"],
-                     "kernel_vs_dense": rate["kernel"] / rate["dense"],
-                     "kernel_vs_masked": rate["kernel"] / rate["masked"],
-                     "agreeing_tokens": agreeing_prefix(outputs["masked"], outputs["kernel"], args.prompt_tokens)})
+        rows.append(
+            {
+                "dtype": dtype_name,
+                "sparsity": sparsity,
+                "dense_tokens_per_s": rate["dense"],
+                "masked_tokens_per_s": rate["masked"],
+                "kernel_tokens_per_s": rate["kernel"],
+                "kernel_vs_dense": rate["kernel"] / rate["dense"],
+                "kernel_vs_masked": rate["kernel"] / rate["masked"],
+                "agreeing_tokens": agreeing_prefix(outputs["masked"], outputs["kernel"], args.prompt_tokens),
+            }
+        )
     return rows
 
 
@@ -225,8 +266,16 @@ def goal_checks(rows: List[dict]) -> List[dict]:
     for row in rows:
         goal = GOALS.get(row["sparsity"])
         if row["part"] == "layer" and goal is not None:
-            checks.append({"shape": row["shape"], "dtype": row["dtype"], "sparsity": row["sparsity"],
-                           "goal": goal, "speedup": row["speedup"], "met": row["speedup"] >= goal})
+            checks.append(
+                {
+                    "shape": row["shape"],
+                    "dtype": row["dtype"],
+                    "sparsity": row["sparsity"],
+                    "goal": goal,
+                    "speedup": row["speedup"],
+                    "met": row["speedup"] >= goal,
+                }
+            )
     return checks
 
 
@@ -241,37 +290,52 @@ def print_table(report: dict) -> None:
 
 def print_generate_table(section: dict) -> None:
     c = section["config"]
-    print(f"\ngenerate(): {c['shape']}, {c['layers']} layers; prompt {c['prompt_tokens']}, {c['new_tokens']} new "
-          f"tokens, greedy, KV cache; median of {c['repeats']} interleaved calls (tokens/s)")
-    header = (f"{'dtype':<6}{'s':>5}{'dense':>9}{'masked':>9}{'kernel':>9}{'kernel/dense':>14}{'kernel/masked':>15}"
-              f"{'agree':>8}")
+    print(
+        f"\ngenerate(): {c['shape']}, {c['layers']} layers; prompt {c['prompt_tokens']}, {c['new_tokens']} new "
+        f"tokens, greedy, KV cache; median of {c['repeats']} interleaved calls (tokens/s)"
+    )
+    header = (
+        f"{'dtype':<6}{'s':>5}{'dense':>9}{'masked':>9}{'kernel':>9}{'kernel/dense':>14}{'kernel/masked':>15}"
+        f"{'agree':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in section["results"]:
-        print(f"{r['dtype']:<6}{r['sparsity']:>5.2f}{r['dense_tokens_per_s']:>9.2f}{r['masked_tokens_per_s']:>9.2f}"
-              f"{r['kernel_tokens_per_s']:>9.2f}{r['kernel_vs_dense']:>13.2f}x{r['kernel_vs_masked']:>14.2f}x"
-              f"{r['agreeing_tokens']:>8}")
+        print(
+            f"{r['dtype']:<6}{r['sparsity']:>5.2f}{r['dense_tokens_per_s']:>9.2f}{r['masked_tokens_per_s']:>9.2f}"
+            f"{r['kernel_tokens_per_s']:>9.2f}{r['kernel_vs_dense']:>13.2f}x{r['kernel_vs_masked']:>14.2f}x"
+            f"{r['agreeing_tokens']:>8}"
+        )
 
 
 def print_layer_table(report: dict) -> None:
     c = report["config"]
-    print(f"batch {c['batch']}; KV cache {c['kv_cache']}; "
-          f"median of {c['repeats']} interleaved calls after {c['warmup']} warmup")
+    print(
+        f"batch {c['batch']}; KV cache {c['kv_cache']}; "
+        f"median of {c['repeats']} interleaved calls after {c['warmup']} warmup"
+    )
     for name, shape in c["shapes"].items():
         print(f"shape {name}: {shape}")
-    header = (f"{'shape':<11}{'dtype':<6}{'s':>5}  {'part':<6}{'in→out':>13}{'rows':>6}{'dense-torch':>13}"
-              f"{'dense-kernel':>13}{'sparse':>10}{'speedup':>9}{'vs-torch':>9}{'limit':>7}{'of-limit':>9}")
+    header = (
+        f"{'shape':<11}{'dtype':<6}{'s':>5}  {'part':<6}{'in→out':>13}{'rows':>6}{'dense-torch':>13}"
+        f"{'dense-kernel':>13}{'sparse':>10}{'speedup':>9}{'vs-torch':>9}{'limit':>7}{'of-limit':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         rows = "" if r["rows_read"] is None else f"{r['rows_read']:.2f}"
-        print(f"{r['shape']:<11}{r['dtype']:<6}{r['sparsity']:>5.2f}  {r['part']:<6}{str(r['in']) + '→' + str(r['out']):>13}"
-              f"{rows:>6}{r['dense_torch_ms']:>10.2f} ms{r['dense_kernel_ms']:>10.2f} ms{r['sparse_ms']:>7.2f} ms"
-              f"{r['speedup']:>8.2f}x{r['speedup_vs_torch']:>8.2f}x{r['limit']:>7.2f}{r['of_limit']:>9.2f}")
+        print(
+            f"{r['shape']:<11}{r['dtype']:<6}{r['sparsity']:>5.2f}  {r['part']:<6}"
+            f"{str(r['in']) + '→' + str(r['out']):>13}"
+            f"{rows:>6}{r['dense_torch_ms']:>10.2f} ms{r['dense_kernel_ms']:>10.2f} ms{r['sparse_ms']:>7.2f} ms"
+            f"{r['speedup']:>8.2f}x{r['speedup_vs_torch']:>8.2f}x{r['limit']:>7.2f}{r['of_limit']:>9.2f}"
+        )
     for g in report["goals"]:
         verdict = "met" if g["met"] else "NOT met"
-        print(f"goal {g['shape']} {g['dtype']} layer at s={g['sparsity']}: ≥ {g['goal']}x, "
-              f"measured {g['speedup']:.3f}x: {verdict}")
+        print(
+            f"goal {g['shape']} {g['dtype']} layer at s={g['sparsity']}: ≥ {g['goal']}x, "
+            f"measured {g['speedup']:.3f}x: {verdict}"
+        )
 
 
 def main(argv=None) -> int:
@@ -285,9 +349,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     report = {
         "machine": machine(),
-        "config": {"backend": backend(), "batch": args.batch, "kv_cache": args.kv_cache, "warmup": args.warmup,
-                   "repeats": args.repeats, "dtypes": args.dtypes, "sparsities": args.sparsities,
-                   "shapes": {name: LayerShape.from_config(preset(SHAPES[name])).__dict__ for name in args.shapes}},
+        "config": {
+            "backend": backend(),
+            "batch": args.batch,
+            "kv_cache": args.kv_cache,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "dtypes": args.dtypes,
+            "sparsities": args.sparsities,
+            "shapes": {name: LayerShape.from_config(preset(SHAPES[name])).__dict__ for name in args.shapes},
+        },
         "results": [],
     }
     if not args.generate:
@@ -297,10 +368,17 @@ def main(argv=None) -> int:
     report["goals"] = goal_checks(report["results"])
     if not args.no_generate:
         report["generate"] = {
-            "config": {"shape": GENERATE_PRESET, "layers": args.gen_layers, "prompt_tokens": args.prompt_tokens,
-                       "new_tokens": args.new_tokens, "repeats": args.gen_repeats,
-                       "sparsities": args.gen_sparsities, "dtypes": args.dtypes},
-            "results": [row for dtype_name in args.dtypes for row in bench_generate_dtype(dtype_name, args)]}
+            "config": {
+                "shape": GENERATE_PRESET,
+                "layers": args.gen_layers,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "repeats": args.gen_repeats,
+                "sparsities": args.gen_sparsities,
+                "dtypes": args.dtypes,
+            },
+            "results": [row for dtype_name in args.dtypes for row in bench_generate_dtype(dtype_name, args)],
+        }
     return print_report(report, args.json, print_table)
 
 

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from bench_timing import machine, machine_line, print_report  # noqa: E402
+
 from megatron_qsparse.hf.configuration_qsparse import SITES, QSparseHFConfig  # noqa: E402
 from megatron_qsparse.inference.engine import Engine, default_threads  # noqa: E402
 
@@ -69,11 +69,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (a smoke test)")
-    p.add_argument("--work-dir", type=Path, default=None, help="where the weights are written (default: a "
-                   "temporary directory, removed at the end)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the weights are written (default: a temporary directory, removed at the end)",
+    )
     args = p.parse_args(argv)
     if args.quick:
-        args.shapes, args.dtypes, args.sparsities, args.ternary_sparsities = ["300m"], ["bf16", "ternary"], [0.0, 0.6], [0.6]
+        args.shapes, args.dtypes, args.sparsities, args.ternary_sparsities = (
+            ["300m"],
+            ["bf16", "ternary"],
+            [0.0, 0.6],
+            [0.6],
+        )
         args.repeats, args.new_tokens = 2, 32
     args.threads = args.threads or default_threads()
     return args
@@ -96,9 +105,17 @@ def load_llama_cpp():
 def hf_config(shape: str, ffn: int, sparsity: float, bitnet: bool, layers: Optional[int] = None) -> QSparseHFConfig:
     hidden, _, heads, depth = SHAPES[shape]
     layers = layers or depth
-    return QSparseHFConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                           num_attention_heads=heads, hidden_act="relu2", max_position_embeddings=512,
-                           sparsity={site: sparsity for site in SITES}, bitnet=bitnet)
+    return QSparseHFConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        hidden_act="relu2",
+        max_position_embeddings=512,
+        sparsity={site: sparsity for site in SITES},
+        bitnet=bitnet,
+    )
 
 
 def random_state(config: QSparseHFConfig) -> Dict[str, torch.Tensor]:
@@ -108,18 +125,29 @@ def random_state(config: QSparseHFConfig) -> Dict[str, torch.Tensor]:
     def matrix(out, inp):
         return torch.empty(out, inp).normal_(0.0, 0.02, generator=g)
 
-    state = {"model.embed_tokens.weight": matrix(VOCAB, h), "lm_head.weight": matrix(VOCAB, h),
-             "model.norm.weight": torch.ones(h)}
+    state = {
+        "model.embed_tokens.weight": matrix(VOCAB, h),
+        "lm_head.weight": matrix(VOCAB, h),
+        "model.norm.weight": torch.ones(h),
+    }
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"
-        state.update({f"{p}.input_layernorm.weight": torch.ones(h), f"{p}.post_attention_layernorm.weight": torch.ones(h),
-                      f"{p}.self_attn.qkv_proj.weight": matrix(3 * h, h), f"{p}.self_attn.o_proj.weight": matrix(h, h),
-                      f"{p}.mlp.gate_up_proj.weight": matrix(2 * f, h), f"{p}.mlp.down_proj.weight": matrix(h, f)})
+        state.update(
+            {
+                f"{p}.input_layernorm.weight": torch.ones(h),
+                f"{p}.post_attention_layernorm.weight": torch.ones(h),
+                f"{p}.self_attn.qkv_proj.weight": matrix(3 * h, h),
+                f"{p}.self_attn.o_proj.weight": matrix(h, h),
+                f"{p}.mlp.gate_up_proj.weight": matrix(2 * f, h),
+                f"{p}.mlp.down_proj.weight": matrix(h, f),
+            }
+        )
     return state
 
 
-def write_exports(state, shape: str, ffn: int, sparsities: List[float], bitnet: bool, root: Path,
-                  layers: Optional[int] = None) -> Dict[float, Path]:
+def write_exports(
+    state, shape: str, ffn: int, sparsities: List[float], bitnet: bool, root: Path, layers: Optional[int] = None
+) -> Dict[float, Path]:
     """One export directory per sparsity: its config.json and a link to the one weights file."""
     from safetensors.torch import save_file
 
@@ -203,10 +231,15 @@ def quantize_tq2_0(llama_cpp, source: Path, target: Path, threads: int) -> None:
     params.token_embedding_type = int(gguf.GGMLQuantizationType.BF16)
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize failed on {source}")
-    fallback = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(target)).tensors
-                if t.name.startswith("blk.") and len(t.shape) == 2 and t.tensor_type != gguf.GGMLQuantizationType.TQ2_0}
+    fallback = {
+        t.name: t.tensor_type.name
+        for t in gguf.GGUFReader(str(target)).tensors
+        if t.name.startswith("blk.") and len(t.shape) == 2 and t.tensor_type != gguf.GGMLQuantizationType.TQ2_0
+    }
     if fallback:
-        raise RuntimeError(f"TQ2_0 fell back to other types for {len(fallback)} tensors, e.g. {list(fallback.items())[:3]}")
+        raise RuntimeError(
+            f"TQ2_0 fell back to other types for {len(fallback)} tensors, e.g. {list(fallback.items())[:3]}"
+        )
 
 
 # ---- runs ----------------------------------------------------------------------------------------------------
@@ -214,8 +247,15 @@ class LlamaCppRunner:
     def __init__(self, llama_cpp, path: Path, threads: int, context: int):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(path), n_ctx=context, n_batch=512, n_threads=threads,
-                         n_threads_batch=threads, verbose=False, logits_all=False)
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=context,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+            logits_all=False,
+        )
         self.llama_cpp = llama_cpp
 
     def run(self, prompt: List[int], new_tokens: int) -> Dict[str, float]:
@@ -297,8 +337,14 @@ def bench_group(shape: str, dtype: str, sparsities: List[float], args, llama_cpp
                 (runs if runner is engine else paired).append(runner.run(prompt, args.new_tokens))
         llama_runs += paired
         rate = median_rates(runs)
-        row = {"runtime": "engine", "shape": shape, "dtype": dtype, "sparsity": s, **rate,
-               "mb_per_token": bytes_per_token(config, s, weight_bytes, head_bytes) / 1e6}
+        row = {
+            "runtime": "engine",
+            "shape": shape,
+            "dtype": dtype,
+            "sparsity": s,
+            **rate,
+            "mb_per_token": bytes_per_token(config, s, weight_bytes, head_bytes) / 1e6,
+        }
         if paired:
             row["vs_llama_cpp"] = rate["decode_tokens_per_s"] / median_rates(paired)["decode_tokens_per_s"]
             goal = GOALS.get((dtype, s)) or (0.95 if s == 0 and not bitnet else None)
@@ -309,9 +355,17 @@ def bench_group(shape: str, dtype: str, sparsities: List[float], args, llama_cpp
         gc.collect()
     if llama_runs:
         llama_bytes = 2.0625 / 8 if bitnet else weight_bytes  # TQ2_0: 66 bytes per 256 weights
-        rows.insert(0, {"runtime": "llama.cpp", "shape": shape, "dtype": dtype, "sparsity": 0.0,
-                        **median_rates(llama_runs),
-                        "mb_per_token": bytes_per_token(config, 0.0, llama_bytes, head_bytes) / 1e6})
+        rows.insert(
+            0,
+            {
+                "runtime": "llama.cpp",
+                "shape": shape,
+                "dtype": dtype,
+                "sparsity": 0.0,
+                **median_rates(llama_runs),
+                "mb_per_token": bytes_per_token(config, 0.0, llama_bytes, head_bytes) / 1e6,
+            },
+        )
     del llama
     gc.collect()
     for path in group.glob("*.gguf"):
@@ -322,18 +376,24 @@ def bench_group(shape: str, dtype: str, sparsities: List[float], args, llama_cpp
 def print_table(report: dict) -> None:
     c = report["config"]
     print(machine_line(report["machine"]))
-    print(f"threads {c['threads']} (both runtimes); prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new "
-          f"(greedy), batch 1; median of {c['repeats']} interleaved runs; llama.cpp: {c['llama_cpp']}")
-    header = (f"{'shape':<6}{'dtype':<9}{'runtime':<11}{'s':>5}{'decode tok/s':>14}{'prefill tok/s':>15}"
-              f"{'MB/token':>10}{'GB/s':>7}{'vs llama.cpp':>14}  goal")
+    print(
+        f"threads {c['threads']} (both runtimes); prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new "
+        f"(greedy), batch 1; median of {c['repeats']} interleaved runs; llama.cpp: {c['llama_cpp']}"
+    )
+    header = (
+        f"{'shape':<6}{'dtype':<9}{'runtime':<11}{'s':>5}{'decode tok/s':>14}{'prefill tok/s':>15}"
+        f"{'MB/token':>10}{'GB/s':>7}{'vs llama.cpp':>14}  goal"
+    )
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         vs = f"{r['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in r else ""
         goal = f">= {r['goal']}x {'met' if r['met'] else 'NOT met'}" if "goal" in r else ""
         bandwidth = r["mb_per_token"] * r["decode_tokens_per_s"] / 1e3
-        print(f"{r['shape']:<6}{r['dtype']:<9}{r['runtime']:<11}{r['sparsity']:>5.2f}{r['decode_tokens_per_s']:>14.2f}"
-              f"{r['prefill_tokens_per_s']:>15.1f}{r['mb_per_token']:>10.1f}{bandwidth:>7.1f}{vs:>14}  {goal}")
+        print(
+            f"{r['shape']:<6}{r['dtype']:<9}{r['runtime']:<11}{r['sparsity']:>5.2f}{r['decode_tokens_per_s']:>14.2f}"
+            f"{r['prefill_tokens_per_s']:>15.1f}{r['mb_per_token']:>10.1f}{bandwidth:>7.1f}{vs:>14}  {goal}"
+        )
 
 
 def main(argv=None) -> int:
@@ -342,14 +402,21 @@ def main(argv=None) -> int:
     if llama_cpp is None:
         progress(f"llama.cpp is not installed: measuring the engine alone. For the comparison: {INSTALL}")
     torch.set_num_threads(args.threads)
-    report = {"machine": machine(),
-              "config": {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                         "repeats": args.repeats, "layers": args.layers, "shapes": {s: dict(zip(("hidden", "ffn", "heads", "layers"),
-                                                                         SHAPES[s])) for s in args.shapes},
-                         "vocab": VOCAB, "ternary_ffn": TERNARY_FFN,
-                         "llama_cpp": ("llama-cpp-python " + llama_cpp.__version__) if llama_cpp else
-                         f"not installed ({INSTALL})"},
-              "results": []}
+    report = {
+        "machine": machine(),
+        "config": {
+            "threads": args.threads,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "layers": args.layers,
+            "shapes": {s: dict(zip(("hidden", "ffn", "heads", "layers"), SHAPES[s])) for s in args.shapes},
+            "vocab": VOCAB,
+            "ternary_ffn": TERNARY_FFN,
+            "llama_cpp": ("llama-cpp-python " + llama_cpp.__version__) if llama_cpp else f"not installed ({INSTALL})",
+        },
+        "results": [],
+    }
     root = Path(tempfile.mkdtemp(prefix="qsparse-bench-", dir=args.work_dir))
     try:
         for shape in args.shapes:

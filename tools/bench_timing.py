@@ -35,8 +35,10 @@ def machine() -> dict:
 
 def machine_line(m: dict) -> str:
     """The machine of a report, in one line for the tables."""
-    return (f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['cpu_capability']}), "
-            f"{m['torch_threads']} threads, load {m['load_average_1min']} (1 min) at start")
+    return (
+        f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['cpu_capability']}), "
+        f"{m['torch_threads']} threads, load {m['load_average_1min']} (1 min) at start"
+    )
 
 
 def print_report(report: dict, as_json: bool, print_table: Callable[[dict], None]) -> int:
@@ -48,8 +50,12 @@ def print_report(report: dict, as_json: bool, print_table: Callable[[dict], None
     return 0
 
 
-def interleaved_medians(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int,
-                        before_each: Optional[Callable[[], object]] = None) -> Dict[str, float]:
+def interleaved_medians(
+    calls: Dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    before_each: Optional[Callable[[], object]] = None,
+) -> Dict[str, float]:
     """Median milliseconds of each call. The calls take turns (in a rotating order) so that all of them see
     the same machine state: a busy neighbour or a frequency change shows in every column, not just one.
     ``before_each`` runs untimed before every call (e.g. to evict the caches)."""

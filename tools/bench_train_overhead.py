@@ -27,8 +27,8 @@ warnings.filterwarnings("ignore")  # megatron-core's notices about apex / Transf
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from bench_timing import interleaved_medians, machine, machine_line, print_report  # noqa: E402
+
 from megatron_qsparse.model import preset  # noqa: E402
 from megatron_qsparse.model.gpt import build_gpt_model  # noqa: E402
 from megatron_qsparse.parallel import cpu_compat  # noqa: E402
@@ -82,8 +82,9 @@ def training_step(shape: str, variant: str, micro_batch: int, seq: int) -> Calla
     torch.manual_seed(0)  # the same initial weights for every variant
     model = build_gpt_model(cfg, cfg.to_transformer_config())
     decoder, rotary = model.decoder, model.rotary_pos_emb(seq)
-    hidden = torch.randn(seq, micro_batch, cfg.hidden_size, generator=torch.Generator().manual_seed(1),
-                         requires_grad=True)
+    hidden = torch.randn(
+        seq, micro_batch, cfg.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True
+    )
 
     def step() -> None:
         out = decoder(hidden, attention_mask=None, rotary_pos_emb=rotary)
@@ -100,40 +101,63 @@ def bench_shape(shape: str, args) -> List[dict]:
     progress(f"{shape}: timing")
     times = interleaved_medians(steps, args.warmup, args.repeats)
     cfg = layer_config(shape, "dense", args.seq)
-    return [{"shape": shape, "hidden": cfg.hidden_size, "ffn": cfg.ffn_hidden_size,
-             "heads": cfg.num_attention_heads, "variant": v, "step_ms": ms, "vs_dense": ms / times["dense"],
-             "goal": GOALS.get(v)} for v, ms in times.items()]
+    return [
+        {
+            "shape": shape,
+            "hidden": cfg.hidden_size,
+            "ffn": cfg.ffn_hidden_size,
+            "heads": cfg.num_attention_heads,
+            "variant": v,
+            "step_ms": ms,
+            "vs_dense": ms / times["dense"],
+            "goal": GOALS.get(v),
+        }
+        for v, ms in times.items()
+    ]
 
 
 def single_process_group() -> None:
     cpu_compat.apply()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timedelta(seconds=120)
+    )
     initialize_model_parallel(ParallelLayout())
 
 
 def print_table(report: dict) -> None:
     m, c = report["machine"], report["config"]
     print(machine_line(m))
-    print(f"one decoder layer, forward + backward, fp32, {c['micro_batch']} x {c['seq']} tokens; "
-          f"median of {c['repeats']} interleaved steps after {c['warmup']} warmup")
+    print(
+        f"one decoder layer, forward + backward, fp32, {c['micro_batch']} x {c['seq']} tokens; "
+        f"median of {c['repeats']} interleaved steps after {c['warmup']} warmup"
+    )
     header = f"{'shape':<7}{'hidden':>7}{'ffn':>6}{'heads':>6}  {'variant':<20}{'step':>12}{'vs dense':>10}  goal"
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         goal = "" if r["goal"] is None else f"≤ {r['goal']:.2f}x: {'met' if r['vs_dense'] <= r['goal'] else 'NOT met'}"
-        print(f"{r['shape']:<7}{r['hidden']:>7}{r['ffn']:>6}{r['heads']:>6}  {r['variant']:<20}"
-              f"{r['step_ms']:>9.1f} ms{r['vs_dense']:>9.2f}x  {goal}")
+        print(
+            f"{r['shape']:<7}{r['hidden']:>7}{r['ffn']:>6}{r['heads']:>6}  {r['variant']:<20}"
+            f"{r['step_ms']:>9.1f} ms{r['vs_dense']:>9.2f}x  {goal}"
+        )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"machine": machine(),
-              "config": {"micro_batch": args.micro_batch, "seq": args.seq, "warmup": args.warmup,
-                         "repeats": args.repeats, "dtype": "fp32", "variants": VARIANTS},
-              "results": []}
+    report = {
+        "machine": machine(),
+        "config": {
+            "micro_batch": args.micro_batch,
+            "seq": args.seq,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "dtype": "fp32",
+            "variants": VARIANTS,
+        },
+        "results": [],
+    }
     single_process_group()
     try:
         for shape in args.shapes:

@@ -23,8 +23,9 @@ import torch  # noqa: E402
 
 
 def load(model_dir: Path):
-    import megatron_qsparse.hf  # noqa: F401  (registers the qsparse model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import megatron_qsparse.hf  # noqa: F401  (registers the qsparse model type)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -42,7 +43,7 @@ def heldout_loss(model, tokenizer, texts, seq_length: int):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         text_bytes += len(text.encode("utf-8"))
         for start in range(0, max(len(ids) - 1, 0), seq_length):
-            window = torch.tensor(ids[start:start + seq_length + 1])[None]
+            window = torch.tensor(ids[start : start + seq_length + 1])[None]
             if window.shape[1] < 2:
                 continue
             with torch.no_grad():
@@ -57,8 +58,12 @@ def choice_items(texts, context_words: int = 24, answer_words: int = 8, count: i
     for text in texts:
         words = text.split()
         for start in range(0, len(words) - context_words - answer_words, context_words + answer_words):
-            passages.append((" ".join(words[start:start + context_words]),
-                             " " + " ".join(words[start + context_words:start + context_words + answer_words])))
+            passages.append(
+                (
+                    " ".join(words[start : start + context_words]),
+                    " " + " ".join(words[start + context_words : start + context_words + answer_words]),
+                )
+            )
     rng = random.Random(seed)
     rng.shuffle(passages)
     passages = passages[:count]
@@ -81,7 +86,7 @@ def choice_accuracy(model, tokenizer, items) -> float:
             ids = torch.tensor(ctx + cont)[None]
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]
-            picked = logp[len(ctx) - 1:, :].gather(-1, ids[0, len(ctx):, None])
+            picked = logp[len(ctx) - 1 :, :].gather(-1, ids[0, len(ctx) :, None])
             scores.append(float(picked.mean()))
         correct += int(max(range(len(choices)), key=scores.__getitem__) == answer)
     return correct / max(len(items), 1)
@@ -126,10 +131,20 @@ def main(argv=None) -> int:
     loss, bpb, tokens = heldout_loss(model, tokenizer, texts, args.seq_length)
     sparsity, n_block, n_active = measured_sparsity(model)
     accuracy = choice_accuracy(model, tokenizer, choice_items(texts, count=args.choices))
-    result = {"model": str(args.model), "data": str(args.data), "documents": len(texts), "tokens": tokens,
-              "heldout_loss": loss, "bits_per_byte": bpb, "multiple_choice_accuracy": accuracy,
-              "multiple_choice_chance": 0.25, "realized_sparsity": sparsity, "block_linear_parameters_N": n_block,
-              "activated_parameters_N_a": n_active, "configured_sparsity": model.config.sparsity}
+    result = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "documents": len(texts),
+        "tokens": tokens,
+        "heldout_loss": loss,
+        "bits_per_byte": bpb,
+        "multiple_choice_accuracy": accuracy,
+        "multiple_choice_chance": 0.25,
+        "realized_sparsity": sparsity,
+        "block_linear_parameters_N": n_block,
+        "activated_parameters_N_a": n_active,
+        "configured_sparsity": model.config.sparsity,
+    }
     if args.json:
         print(json.dumps(result, indent=1))
     else:

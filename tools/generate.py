@@ -42,8 +42,10 @@ def load_tokenizer_of(model: Path, required: bool):
 
     if not any((model / name).exists() for name in TOKENIZER_FILES):
         if required:
-            raise ValueError(f"{model} has no tokenizer ({', '.join(TOKENIZER_FILES)}); pass --prompt-ids, or "
-                             "export with tools/convert_to_hf.py --tokenizer DIR")
+            raise ValueError(
+                f"{model} has no tokenizer ({', '.join(TOKENIZER_FILES)}); pass --prompt-ids, or "
+                "export with tools/convert_to_hf.py --tokenizer DIR"
+            )
         return None
     return load_tokenizer(model)
 
@@ -59,7 +61,7 @@ class TextStream:
         text = self.tokenizer.detokenize(self.ids)
         if text.endswith("\ufffd"):
             return
-        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.write(text[len(self.shown) :])
         sys.stdout.flush()
         self.shown = text
 
@@ -77,8 +79,9 @@ def main(argv=None) -> int:
                 ids = [int(i) for i in args.prompt_ids.split(",") if i.strip()]
             except ValueError:
                 raise ValueError(f"--prompt-ids {args.prompt_ids!r}: give comma-separated integers") from None
-        engine = Engine.from_pretrained(args.model, dtype=args.dtype, threads=args.threads,
-                                        max_seq_len=args.max_seq_len)
+        engine = Engine.from_pretrained(
+            args.model, dtype=args.dtype, threads=args.threads, max_seq_len=args.max_seq_len
+        )
         eos = None if args.ignore_eos or tokenizer is None else tokenizer.eod
         stream = None
         if not args.json and tokenizer is not None:
@@ -86,23 +89,45 @@ def main(argv=None) -> int:
             stream = TextStream(tokenizer)
         elif not args.json:
             stream = lambda token: print(token, end=" ", flush=True)  # noqa: E731
-        new = engine.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, eos_token_id=eos, on_token=stream)
+        new = engine.generate(
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos_token_id=eos,
+            on_token=stream,
+        )
     except (EngineError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     s = engine.stats
     if args.json:
-        print(json.dumps({"model": str(args.model), "dtype": args.dtype, "threads": engine.threads,
-                          "prompt_ids": ids, "new_ids": new,
-                          "text": tokenizer.detokenize(new) if tokenizer is not None else None,
-                          "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
-                          "prefill_tokens_per_s": s.prefill_tokens_per_s,
-                          "decode_tokens_per_s": s.decode_tokens_per_s}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "dtype": args.dtype,
+                    "threads": engine.threads,
+                    "prompt_ids": ids,
+                    "new_ids": new,
+                    "text": tokenizer.detokenize(new) if tokenizer is not None else None,
+                    "prompt_tokens": s.prompt_tokens,
+                    "new_tokens": s.new_tokens,
+                    "prefill_tokens_per_s": s.prefill_tokens_per_s,
+                    "decode_tokens_per_s": s.decode_tokens_per_s,
+                },
+                indent=2,
+            )
+        )
     else:
         print()
-        print(f"prefill {s.prompt_tokens} tokens: {s.prefill_tokens_per_s:.1f} tok/s; decode {s.new_tokens} tokens: "
-              f"{s.decode_tokens_per_s:.1f} tok/s ({args.dtype}, {engine.threads} threads)", file=sys.stderr)
+        print(
+            f"prefill {s.prompt_tokens} tokens: {s.prefill_tokens_per_s:.1f} tok/s; decode {s.new_tokens} tokens: "
+            f"{s.decode_tokens_per_s:.1f} tok/s ({args.dtype}, {engine.threads} threads)",
+            file=sys.stderr,
+        )
     return 0
 
 

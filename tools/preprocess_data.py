@@ -20,18 +20,35 @@ from megatron_qsparse.data.tokenizer import TokenizerError  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH",
-                        help="text, JSON-lines or parquet files, or save_to_disk directories")
-    parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
-                        help="default: by extension (.txt/.md text, .jsonl/.json jsonl, .parquet, a directory)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="text, JSON-lines or parquet files, or save_to_disk directories",
+    )
+    parser.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        help="default: by extension (.txt/.md text, .jsonl/.json jsonl, .parquet, a directory)",
+    )
     parser.add_argument("--json-key", default="text", help="the field (or column) holding the text (default: text)")
-    parser.add_argument("--text-unit", choices=TEXT_UNITS, default="file",
-                        help="what one document is in a text file (default: the whole file)")
+    parser.add_argument(
+        "--text-unit",
+        choices=TEXT_UNITS,
+        default="file",
+        help="what one document is in a text file (default: the whole file)",
+    )
     parser.add_argument("--tokenizer", required=True, type=Path, help="a local Hugging Face tokenizer directory")
     parser.add_argument("--output-prefix", required=True, type=Path, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip and count bad records (and warn about empty files) instead of stopping")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip and count bad records (and warn about empty files) instead of stopping",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

@@ -20,8 +20,14 @@ from megatron_qsparse.data.tokenizer import TokenizerError, load_tokenizer, trai
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE",
-                        help="text or JSON-lines files (parquet and save_to_disk directories work too)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="text or JSON-lines files (parquet and save_to_disk directories work too)",
+    )
     parser.add_argument("--output", required=True, type=Path, help="the tokenizer directory to create")
     parser.add_argument("--vocab-size", type=int, default=8192, help="default: 8192")
     parser.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default: 2)")

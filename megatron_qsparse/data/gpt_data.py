@@ -36,8 +36,11 @@ def build_gpt_datasets(
         that our tokenizers reuse as pad (which would mask the loss on every end of document)."""
 
         vocab_size, eod, pad = tokenizer.vocab_size, tokenizer.eod, -1
-        unique_identifiers = {"class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
-                              "eod": tokenizer.eod}
+        unique_identifiers = {
+            "class": type(tokenizer).__name__,
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+        }
 
     config = GPTDatasetConfig(
         random_seed=seed,
@@ -59,8 +62,9 @@ class SFTDataset(torch.utils.data.Dataset):
     """Prompt/response JSON lines; the loss covers the response (and its end-of-document token) only.
     Each example is truncated or padded to ``seq_length``; padding is masked out of the loss."""
 
-    def __init__(self, path: Path, tokenizer, seq_length: int, prompt_key: str = "prompt",
-                 response_key: str = "response"):
+    def __init__(
+        self, path: Path, tokenizer, seq_length: int, prompt_key: str = "prompt", response_key: str = "response"
+    ):
         self.seq_length = seq_length
         self.pad = tokenizer.eod
         self.examples: List[Tuple[List[int], List[int]]] = []
@@ -74,8 +78,10 @@ class SFTDataset(torch.utils.data.Dataset):
                     if not isinstance(prompt, str) or not isinstance(response, str):
                         raise TypeError("fields must be strings")
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object with string fields "
-                                     f"{prompt_key!r} and {response_key!r} ({err})") from None
+                    raise ValueError(
+                        f"{path}:{line_no}: expected a JSON object with string fields "
+                        f"{prompt_key!r} and {response_key!r} ({err})"
+                    ) from None
                 self.examples.append((tokenizer.tokenize(prompt), tokenizer.tokenize(response) + [tokenizer.eod]))
         if not self.examples:
             raise ValueError(f"{path}: no examples")
@@ -96,8 +102,14 @@ class SFTDataset(torch.utils.data.Dataset):
         }
 
 
-def microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 ) -> List[Dict[str, torch.Tensor]]:
+def microbatches(
+    dataset,
+    step: int,
+    global_batch: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+) -> List[Dict[str, torch.Tensor]]:
     """The microbatches data-parallel rank ``dp_rank`` trains on at ``step``: global batch ``step`` is samples
     ``[step·G, (step+1)·G)``, split into contiguous per-rank slices, then into microbatches. A function of the
     step alone, so a resumed run reads exactly what the interrupted one would have."""

@@ -89,4 +89,3 @@ class IndexedWriter:
     def abandon(self) -> None:
         # The builder has no close() of its own; its .bin is about to be removed.
         self.builder.data_file.close()
-

@@ -37,8 +37,16 @@ from megatron_qsparse.data.tokenizing import EncodedBatch, batches, in_order, wo
 
 # The input side is re-exported: callers import its errors and choices from here, with `preprocess`.
 __all__ = [
-    "INPUT_FORMATS", "TEXT_UNITS", "BadInputError", "BadRecord", "InputFile", "PreprocessError",
-    "PreprocessStats", "iter_document_texts", "preprocess", "resolve_inputs",
+    "INPUT_FORMATS",
+    "TEXT_UNITS",
+    "BadInputError",
+    "BadRecord",
+    "InputFile",
+    "PreprocessError",
+    "PreprocessStats",
+    "iter_document_texts",
+    "preprocess",
+    "resolve_inputs",
 ]
 
 

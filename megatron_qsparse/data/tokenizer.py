@@ -62,9 +62,7 @@ class QSparseTokenizer:
         return encoded["input_ids"]
 
     def detokenize(self, ids: Iterable[int]) -> str:
-        return self._hf.decode(
-            [int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def _end_of_document_id(hf_tokenizer: Any, path: Path) -> int:
@@ -94,9 +92,7 @@ def load_tokenizer(path: str | os.PathLike) -> QSparseTokenizer:
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TokenizerError(
-            f"{path} is not a loadable Hugging Face tokenizer directory: {error}"
-        ) from error
+        raise TokenizerError(f"{path} is not a loadable Hugging Face tokenizer directory: {error}") from error
     return QSparseTokenizer(hf_tokenizer, path)
 
 

@@ -35,8 +35,14 @@ class LayerShape:
 
     @classmethod
     def from_config(cls, cfg: QSparseConfig) -> "LayerShape":
-        return cls(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.query_groups,
-                   cfg.head_dim, cfg.activation)
+        return cls(
+            cfg.hidden_size,
+            cfg.ffn_hidden_size,
+            cfg.num_attention_heads,
+            cfg.query_groups,
+            cfg.head_dim,
+            cfg.activation,
+        )
 
     def projection_sizes(self) -> Dict[str, tuple]:
         """(in, out) of each projection, by site name."""
@@ -63,8 +69,9 @@ def dense_projections(weights: Dict[str, torch.Tensor]) -> Dict[str, Projection]
     return {site: partial(F.linear, weight=w) for site, w in weights.items()}
 
 
-def sparse_projections(weights: Dict[str, torch.Tensor], sparsity: float,
-                       block_size: Optional[int] = None) -> Dict[str, SparseDecodeLinear]:
+def sparse_projections(
+    weights: Dict[str, torch.Tensor], sparsity: float, block_size: Optional[int] = None
+) -> Dict[str, SparseDecodeLinear]:
     """One ``SparseDecodeLinear`` per site (each stores its Wᵀ); ``set_sparsity`` changes the ratio later."""
     return {site: SparseDecodeLinear(w, sparsity, block_size) for site, w in weights.items()}
 
@@ -77,8 +84,15 @@ def rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 class DecodeLayer:
     """A decoder layer's step for ``batch`` new tokens ``x`` [batch, hidden] (one sequence each)."""
 
-    def __init__(self, shape: LayerShape, projections: Dict[str, Projection], batch: int = 1,
-                 kv_cache_len: int = 128, dtype: torch.dtype = torch.float32, seed: int = 1):
+    def __init__(
+        self,
+        shape: LayerShape,
+        projections: Dict[str, Projection],
+        batch: int = 1,
+        kv_cache_len: int = 128,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 1,
+    ):
         missing = set(SITES) - set(projections)
         if missing:
             raise ValueError(f"projections missing for sites {sorted(missing)}")

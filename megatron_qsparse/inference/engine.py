@@ -98,8 +98,10 @@ class GenerationStats:
 def _read_config(export_dir: Path) -> dict:
     path = export_dir / "config.json"
     if not path.is_file():
-        raise EngineError(f"{path}: not found; pass the directory of a Hugging Face export "
-                          "(tools/convert_to_hf.py writes config.json and model.safetensors)")
+        raise EngineError(
+            f"{path}: not found; pass the directory of a Hugging Face export "
+            "(tools/convert_to_hf.py writes config.json and model.safetensors)"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -108,11 +110,13 @@ def _read_config(export_dir: Path) -> dict:
         raise EngineError(
             f"{path}: model_type {config.get('model_type')!r}: the engine runs this project's Q-Sparse exports "
             "(model_type 'qsparse'); import a stock Llama/Mistral/Qwen2 model with tools/convert_from_hf.py, "
-            "train or convert it, then export it with tools/convert_to_hf.py")
+            "train or convert it, then export it with tools/convert_to_hf.py"
+        )
     for key, allowed in (("hidden_act", ACTIVATIONS), ("normalization", NORMS)):
         if config.get(key, "relu2" if key == "hidden_act" else "rmsnorm") not in allowed:
-            raise EngineError(f"{path}: {key} {config.get(key)!r} is not supported by the engine; "
-                              f"supported: {sorted(allowed)}")
+            raise EngineError(
+                f"{path}: {key} {config.get(key)!r} is not supported by the engine; supported: {sorted(allowed)}"
+            )
     return config
 
 
@@ -137,8 +141,14 @@ class Engine:
         self.stats = GenerationStats()
 
     @classmethod
-    def from_pretrained(cls, export_dir, dtype: str = "bf16", threads: Optional[int] = None,
-                        max_seq_len: Optional[int] = None, max_batch: int = 1) -> "Engine":
+    def from_pretrained(
+        cls,
+        export_dir,
+        dtype: str = "bf16",
+        threads: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+        max_batch: int = 1,
+    ) -> "Engine":
         """Load an export (config.json + safetensors). ``dtype``: "fp32" or "bf16" weights (BitNet projections are
         packed ternary either way); ``threads``: default the cores given; ``max_seq_len``: KV cache positions
         (default the config's ``max_position_embeddings``); ``max_batch``: sequences ``generate_batch`` decodes
@@ -180,7 +190,8 @@ class Engine:
             raise EngineError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({new_tokens}) exceeds the KV cache of "
                 f"{self.max_seq_len} positions; shorten the prompt, ask for fewer tokens, or load with "
-                f"max_seq_len >= {len(ids) + new_tokens}")
+                f"max_seq_len >= {len(ids) + new_tokens}"
+            )
         return ids
 
     def _start(self, temperature: float, top_k: Optional[int], top_p: Optional[float], seed: Optional[int]):
@@ -202,9 +213,17 @@ class Engine:
         return torch.stack([self.core.step(i).clone() for i in ids])
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, seed: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 on_token: Optional[Callable[[int], None]] = None) -> List[int]:
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        on_token: Optional[Callable[[int], None]] = None,
+    ) -> List[int]:
         """The new token ids after ``input_ids`` (a list or a [1, T] tensor), from an empty cache: greedy at
         ``temperature`` 0, else sampled from softmax(logits / temperature) within ``top_k`` / ``top_p``, with a
         generator seeded by ``seed`` (None: fresh entropy). Stops after ``max_new_tokens`` or at ``eos_token_id``.
@@ -234,19 +253,27 @@ class Engine:
         stats.decode_seconds = time.perf_counter() - start
         return new
 
-
     @torch.no_grad()
-    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-                       top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                       eos_token_id: Optional[int] = None) -> List[List[int]]:
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+    ) -> List[List[int]]:
         """``generate`` for up to ``max_batch`` prompts at once: every step feeds each unfinished sequence its
         next token (a prompt token, or the one it sampled last) in one compiled call, whose projections read the
         union of the tokens' kept rows once. Prompts may differ in length. Returns the new ids per prompt; the
         same as one ``generate`` per prompt up to fp32 summation order (greedy; sampling draws from one
         generator in turn)."""
         if not 1 <= len(prompts) <= self.max_batch:
-            raise EngineError(f"{len(prompts)} prompts: the engine was loaded for 1 to {self.max_batch} "
-                              "(from_pretrained(..., max_batch=N), N <= 8)")
+            raise EngineError(
+                f"{len(prompts)} prompts: the engine was loaded for 1 to {self.max_batch} "
+                "(from_pretrained(..., max_batch=N), N <= 8)"
+            )
         if max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompts = [self._check_prompt(p, max_new_tokens) for p in prompts]
@@ -292,8 +319,10 @@ class _Builder:
         if key not in self.state:
             if optional:
                 return None
-            raise EngineError(f"{self.export_dir}: the weights lack {key!r}; the export is incomplete or not a "
-                              "Q-Sparse export of this project (re-export with tools/convert_to_hf.py)")
+            raise EngineError(
+                f"{self.export_dir}: the weights lack {key!r}; the export is incomplete or not a "
+                "Q-Sparse export of this project (re-export with tools/convert_to_hf.py)"
+            )
         return self.state[key]
 
     def vector(self, key: str, optional: bool = False) -> torch.Tensor:
@@ -307,8 +336,9 @@ class _Builder:
         sparsity = self.sparsity.get(site, 0.0)
         segment = self.block if (self.block and sparsity > 0) else inp
         if inp % segment:
-            raise EngineError(f"{self.export_dir}/config.json: block_size {self.block} does not divide the input "
-                              f"size {inp} of {key}")
+            raise EngineError(
+                f"{self.export_dir}/config.json: block_size {self.block} does not divide the input size {inp} of {key}"
+            )
         k = kept_count(sparsity, segment)
         if self.bitnet:
             packed, alpha = pack_ternary(weight)
@@ -336,12 +366,31 @@ class _Builder:
         lm_head = embed if lm_head is None else lm_head.detach().to(self.dtype).contiguous()
         cos, sin = self.rope_tables(max_seq_len)
         layernorm = c.get("normalization", "rmsnorm") == "layernorm"
-        dims = [c["vocab_size"], c["hidden_size"], heads, kv_heads, self.head_dim, c["num_hidden_layers"],
-                max_seq_len, ACTIVATIONS[c.get("hidden_act", "relu2")], NORMS[c.get("normalization", "rmsnorm")],
-                int(c.get("num_experts_per_tok") or 0) if c.get("num_experts") else 0, threads, max_batch]
+        dims = [
+            c["vocab_size"],
+            c["hidden_size"],
+            heads,
+            kv_heads,
+            self.head_dim,
+            c["num_hidden_layers"],
+            max_seq_len,
+            ACTIVATIONS[c.get("hidden_act", "relu2")],
+            NORMS[c.get("normalization", "rmsnorm")],
+            int(c.get("num_experts_per_tok") or 0) if c.get("num_experts") else 0,
+            threads,
+            max_batch,
+        ]
         norm_bias = (lambda key: self.vector(key)) if layernorm else (lambda key: NONE)
-        core = torch.classes.qsparse.Engine(dims, [float(c.get("rms_norm_eps", 1e-5))], embed, lm_head,
-                                            self.vector("model.norm.weight"), norm_bias("model.norm.bias"), cos, sin)
+        core = torch.classes.qsparse.Engine(
+            dims,
+            [float(c.get("rms_norm_eps", 1e-5))],
+            embed,
+            lm_head,
+            self.vector("model.norm.weight"),
+            norm_bias("model.norm.bias"),
+            cos,
+            sin,
+        )
         for i in range(c["num_hidden_layers"]):
             p = f"model.layers.{i}"
             qkv = self.add_projection(core, f"{p}.self_attn.qkv_proj", "qkv")
@@ -350,13 +399,24 @@ class _Builder:
                 router = self.tensor(f"{p}.mlp.router.weight").detach().to(self.dtype).float().contiguous()
                 ffn = []
                 for e in range(c["num_experts"]):
-                    ffn += [self.add_projection(core, f"{p}.mlp.experts.{e}.gate_up_proj", "fc1"),
-                            self.add_projection(core, f"{p}.mlp.experts.{e}.down_proj", "fc2")]
+                    ffn += [
+                        self.add_projection(core, f"{p}.mlp.experts.{e}.gate_up_proj", "fc1"),
+                        self.add_projection(core, f"{p}.mlp.experts.{e}.down_proj", "fc2"),
+                    ]
             else:
                 router = NONE
-                ffn = [self.add_projection(core, f"{p}.mlp.gate_up_proj", "fc1"),
-                       self.add_projection(core, f"{p}.mlp.down_proj", "fc2")]
-            core.add_layer(self.vector(f"{p}.input_layernorm.weight"), norm_bias(f"{p}.input_layernorm.bias"), qkv, o,
-                           self.vector(f"{p}.post_attention_layernorm.weight"),
-                           norm_bias(f"{p}.post_attention_layernorm.bias"), router, ffn)
+                ffn = [
+                    self.add_projection(core, f"{p}.mlp.gate_up_proj", "fc1"),
+                    self.add_projection(core, f"{p}.mlp.down_proj", "fc2"),
+                ]
+            core.add_layer(
+                self.vector(f"{p}.input_layernorm.weight"),
+                norm_bias(f"{p}.input_layernorm.bias"),
+                qkv,
+                o,
+                self.vector(f"{p}.post_attention_layernorm.weight"),
+                norm_bias(f"{p}.post_attention_layernorm.bias"),
+                router,
+                ffn,
+            )
         return core

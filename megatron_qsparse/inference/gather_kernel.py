@@ -43,12 +43,23 @@ backend = kernels.backend
 
 def kernel_applies(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
     """Whether the compiled op takes this call (else the torch route of sparse_linear.py does)."""
-    return (load_kernel() is not None and weight_t.device.type == "cpu" and weight_t.dtype in kernels.DTYPES.values()
-            and x.dtype in kernels.DTYPES.values() and 1 <= x.shape[0] <= MAX_KERNEL_BATCH)
+    return (
+        load_kernel() is not None
+        and weight_t.device.type == "cpu"
+        and weight_t.dtype in kernels.DTYPES.values()
+        and x.dtype in kernels.DTYPES.values()
+        and 1 <= x.shape[0] <= MAX_KERNEL_BATCH
+    )
 
 
-def compiled_topk_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], k: int,
-                         segment: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def compiled_topk_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    k: int,
+    segment: int,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``(x ⊙ M) @ weight_t + bias`` in x's dtype for ``x`` [batch, in], M the top-``k`` of every ``segment``
     channels of each row, by one call of the compiled op (``kernel_applies`` first). A bool ``mask`` shaped
     like x, if given, receives M."""

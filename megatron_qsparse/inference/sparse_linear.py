@@ -43,8 +43,13 @@ def gather_inputs(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, to
     return rows, x[:, rows].float() * mask[:, rows]
 
 
-def topk_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], sparsity: float,
-                block_size: Optional[int] = None) -> torch.Tensor:
+def topk_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sparsity: float,
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
     """``topk_sparsify(x, sparsity, block_size) @ weight_t + bias`` in x's dtype (fp32 accumulation) for ``x``
     [tokens, in] and ``weight_t`` [in, out], reading only the rows of ``weight_t`` some token keeps."""
     check_sparsity(sparsity)
@@ -65,8 +70,15 @@ class SparseDecodeLinear(torch.nn.Module):
     Inference only: no gradient flows.
     """
 
-    def __init__(self, weight: torch.Tensor, sparsity: float, block_size: Optional[int] = None,
-                 bias: Optional[torch.Tensor] = None, *, input_major: bool = False):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        sparsity: float,
+        block_size: Optional[int] = None,
+        bias: Optional[torch.Tensor] = None,
+        *,
+        input_major: bool = False,
+    ):
         """``input_major=True``: ``weight`` already is a contiguous Wᵀ [in, out], stored as is (shared)."""
         super().__init__()
         weight_t = weight.detach() if input_major else weight.detach().t().contiguous()
@@ -86,8 +98,9 @@ class SparseDecodeLinear(torch.nn.Module):
         self._kernel_k_segment = (kept_count(sparsity, segment), segment)  # the compiled op's selection arguments
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, sparsity: float,
-                    block_size: Optional[int] = None) -> "SparseDecodeLinear":
+    def from_linear(
+        cls, linear: torch.nn.Linear, sparsity: float, block_size: Optional[int] = None
+    ) -> "SparseDecodeLinear":
         return cls(linear.weight, sparsity, block_size, linear.bias)
 
     @property

@@ -69,15 +69,22 @@ def load() -> Optional[object]:
             _write_if_changed(build_dir / file, text)
         if not (build_dir / f"{name}.so").exists():
             print(f"megatron_qsparse: building the CPU kernels into {build_dir} (once, ~40 s)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(build_dir / file) for file in SOURCES],
-                           build_directory=str(build_dir),
-                           extra_cflags=flags, extra_ldflags=[f for f in flags if f == "-fopenmp"],
-                           is_python_module=False)
+        cpp_extension.load(
+            name=name,
+            sources=[str(build_dir / file) for file in SOURCES],
+            build_directory=str(build_dir),
+            extra_cflags=flags,
+            extra_ldflags=[f for f in flags if f == "-fopenmp"],
+            is_python_module=False,
+        )
         return torch.ops.qsparse
     except Exception as error:  # no compiler, no ninja, read-only home...: stay correct, just slower
         _LOAD_ERROR.append(f"{type(error).__name__}: {error}")
-        warnings.warn(f"megatron_qsparse CPU kernels unavailable ({type(error).__name__}: {error}); using the "
-                      "torch routes (same results, slower)")
+        warnings.warn(
+            f"megatron_qsparse CPU kernels unavailable ({type(error).__name__}: {error}); using the "
+            "torch routes (same results, slower)",
+            stacklevel=2,
+        )
         return None
 
 
@@ -90,7 +97,8 @@ def require(what: str):
         raise RuntimeError(
             f"{what} needs the project's compiled CPU kernels, which are unavailable ({reason}). Fix: install a "
             "C++ compiler (g++) and ninja (`pip install ninja==1.13.2`), unset QSPARSE_KERNELS=0, and make "
-            "~/.cache/megatron_qsparse (or $QSPARSE_KERNEL_DIR) writable")
+            "~/.cache/megatron_qsparse (or $QSPARSE_KERNEL_DIR) writable"
+        )
     return ops
 
 

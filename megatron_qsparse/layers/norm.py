@@ -18,9 +18,13 @@ class Norm(MegatronModule):
             raise ValueError(f"normalization must be RMSNorm or LayerNorm, got {config.normalization!r}")
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.bias = None if config.normalization == "RMSNorm" else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        self.bias = (
+            None
+            if config.normalization == "RMSNorm"
+            else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        )
         for p in self.parameters():
-            setattr(p, "sequence_parallel", config.sequence_parallel)
+            p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x, self.weight, self.bias, self.eps)

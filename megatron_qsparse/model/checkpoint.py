@@ -53,8 +53,9 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     found = find_latest(path)
     if found is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {STATE_FILE} and model/ inside, "
-                                f"or a '{LATEST}' pointer)")
+        raise FileNotFoundError(
+            f"{path}: no complete checkpoint (expected {STATE_FILE} and model/ inside, or a '{LATEST}' pointer)"
+        )
     return found
 
 

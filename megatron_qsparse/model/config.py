@@ -16,7 +16,6 @@ from megatron_qsparse.parallel.layout import ParallelLayout
 from megatron_qsparse.sparsity.activations import activation_by_name
 from megatron_qsparse.sparsity.topk import check_sparsity
 
-
 NORMALIZATIONS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}  # ours -> megatron-core's names
 
 
@@ -86,9 +85,7 @@ class QSparseConfig:
 
     def sites(self) -> Dict[str, SiteConfig]:
         s = self.sparsity
-        return {
-            name: SiteConfig(name, s.ratio(name), s.block_size, s.ste, self.bitnet) for name in SITES
-        }
+        return {name: SiteConfig(name, s.ratio(name), s.block_size, s.ste, self.bitnet) for name in SITES}
 
     def block_linear_params(self) -> Dict[str, int]:
         """Weights of the four block projections summed over layers (and over all experts for MoE)."""
@@ -120,23 +117,30 @@ class QSparseConfig:
 
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
-             f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
-             " (or set kv_channels)")
-        need(self.num_attention_heads % self.query_groups == 0,
-             f"num_attention_heads={self.num_attention_heads} is not divisible by "
-             f"num_query_groups={self.query_groups}")
+        need(
+            self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
+            f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            " (or set kv_channels)",
+        )
+        need(
+            self.num_attention_heads % self.query_groups == 0,
+            f"num_attention_heads={self.num_attention_heads} is not divisible by num_query_groups={self.query_groups}",
+        )
         activation_by_name(self.activation)
-        need(self.normalization in NORMALIZATIONS,
-             f"normalization={self.normalization!r} must be one of {sorted(NORMALIZATIONS)}")
+        need(
+            self.normalization in NORMALIZATIONS,
+            f"normalization={self.normalization!r} must be one of {sorted(NORMALIZATIONS)}",
+        )
         for site in SITES:
             check_sparsity(self.sparsity.ratio(site), f"model config: sparsity.{site}")
         if self.sparsity.block_size is not None:
             b = self.sparsity.block_size
             need(b > 0, f"sparsity.block_size must be positive, got {b}")
         if self.num_experts is not None:
-            need(self.num_experts > 0 and 0 < self.moe_router_topk <= self.num_experts,
-                 f"moe_router_topk={self.moe_router_topk} must lie in [1, num_experts={self.num_experts}]")
+            need(
+                self.num_experts > 0 and 0 < self.moe_router_topk <= self.num_experts,
+                f"moe_router_topk={self.moe_router_topk} must lie in [1, num_experts={self.num_experts}]",
+            )
 
     def validate_layout(self, layout: ParallelLayout) -> None:
         """Errors a parallel layout would otherwise hit deep inside megatron-core, stated up front."""
@@ -146,31 +150,55 @@ class QSparseConfig:
             if not ok:
                 raise ValueError(f"parallel layout TP={tp} PP={pp} EP={ep}: {message}")
 
-        need(self.num_attention_heads % tp == 0, f"num_attention_heads={self.num_attention_heads} is not "
-             "divisible by tensor_model_parallel_size")
-        need(self.query_groups % tp == 0, f"num_query_groups={self.query_groups} is not divisible by "
-             "tensor_model_parallel_size")
-        need(self.ffn_hidden_size % tp == 0, f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
-             "tensor_model_parallel_size")
-        need(self.padded_vocab_size % tp == 0, f"padded vocab {self.padded_vocab_size} is not divisible by "
-             "tensor_model_parallel_size (raise vocab_divisible_by)")
-        need(self.num_layers % pp == 0, f"num_layers={self.num_layers} is not divisible by "
-             "pipeline_model_parallel_size")
+        need(
+            self.num_attention_heads % tp == 0,
+            f"num_attention_heads={self.num_attention_heads} is not divisible by tensor_model_parallel_size",
+        )
+        need(
+            self.query_groups % tp == 0,
+            f"num_query_groups={self.query_groups} is not divisible by tensor_model_parallel_size",
+        )
+        need(
+            self.ffn_hidden_size % tp == 0,
+            f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by tensor_model_parallel_size",
+        )
+        need(
+            self.padded_vocab_size % tp == 0,
+            f"padded vocab {self.padded_vocab_size} is not divisible by "
+            "tensor_model_parallel_size (raise vocab_divisible_by)",
+        )
+        need(
+            self.num_layers % pp == 0, f"num_layers={self.num_layers} is not divisible by pipeline_model_parallel_size"
+        )
         if self.num_experts:
-            need(self.num_experts % ep == 0, f"expert_model_parallel_size (parallel.ep) must divide "
-                 f"model.num_experts ({self.num_experts})")
-            need(tp == 1 or layout.sp, "MoE with tensor parallelism needs sequence_parallel=True "
-                 "(megatron-core requires it)")
+            need(
+                self.num_experts % ep == 0,
+                f"expert_model_parallel_size (parallel.ep) must divide model.num_experts ({self.num_experts})",
+            )
+            need(
+                tp == 1 or layout.sp,
+                "MoE with tensor parallelism needs sequence_parallel=True (megatron-core requires it)",
+            )
         else:
-            need(ep == 1, "expert parallelism needs experts: expert_model_parallel_size > 1 needs num_experts "
-                 "(set model.num_experts or parallel.ep=1)")
+            need(
+                ep == 1,
+                "expert parallelism needs experts: expert_model_parallel_size > 1 needs num_experts "
+                "(set model.num_experts or parallel.ep=1)",
+            )
         block = self.sparsity.block_size
         if block:
             ffn = self.moe_ffn_hidden_size or self.ffn_hidden_size
-            for site, width in (("proj", self.num_attention_heads * self.head_dim // tp), ("fc2", ffn // tp),
-                                ("qkv", self.hidden_size), ("fc1", self.hidden_size)):
-                need(width % block == 0, f"sparsity.block_size={block} does not divide the {site} input "
-                     f"shard ({width} channels per rank); choose a divisor or a smaller TP")
+            for site, width in (
+                ("proj", self.num_attention_heads * self.head_dim // tp),
+                ("fc2", ffn // tp),
+                ("qkv", self.hidden_size),
+                ("fc1", self.hidden_size),
+            ):
+                need(
+                    width % block == 0,
+                    f"sparsity.block_size={block} does not divide the {site} input "
+                    f"shard ({width} channels per rank); choose a divisor or a smaller TP",
+                )
 
     # ---- megatron-core -----------------------------------------------------------------------------------
     def to_transformer_config(
@@ -184,8 +212,11 @@ class QSparseConfig:
     ):
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        self.validate_layout(ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size,
-                                            expert_model_parallel_size, sequence_parallel))
+        self.validate_layout(
+            ParallelLayout(
+                tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size, sequence_parallel
+            )
+        )
         kwargs = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -248,30 +279,67 @@ class QSparseConfig:
 
 
 def _paper(num_layers, hidden, ffn, heads) -> QSparseConfig:
-    return QSparseConfig(num_layers=num_layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                         num_attention_heads=heads, vocab_size=32000, seq_length=2048, activation="relu2")
+    return QSparseConfig(
+        num_layers=num_layers,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=heads,
+        vocab_size=32000,
+        seq_length=2048,
+        activation="relu2",
+    )
 
 
 PRESETS = {
     # CPU-sized model for the default pretraining run and the tests.
-    "tiny": lambda: QSparseConfig(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
-                                  vocab_size=8192, seq_length=256, tie_embeddings=True),
+    "tiny": lambda: QSparseConfig(
+        num_layers=4,
+        hidden_size=256,
+        ffn_hidden_size=688,
+        num_attention_heads=4,
+        vocab_size=8192,
+        seq_length=256,
+        tie_embeddings=True,
+    ),
     # The paper's from-scratch shapes (method doc, section 6).
     "300m": lambda: _paper(24, 1024, 2730, 16),
     "700m": lambda: _paper(24, 1536, 4096, 24),
     "1.3b": lambda: _paper(24, 2048, 5460, 32),
     "7b": lambda: _paper(32, 4096, 11008, 32),
     # Shapes of imported dense models (SwiGLU, untied) for continue-training and finetuning.
-    "llama2-7b": lambda: QSparseConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
-                                       num_attention_heads=32, vocab_size=32000, seq_length=4096,
-                                       activation="silu", norm_epsilon=1e-5),
-    "mistral-7b": lambda: QSparseConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
-                                        num_attention_heads=32, num_query_groups=8, vocab_size=32000,
-                                        seq_length=4096, activation="silu", norm_epsilon=1e-5),
-    "qwen1.5-7b": lambda: QSparseConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
-                                        num_attention_heads=32, vocab_size=151936, seq_length=4096,
-                                        activation="silu", norm_epsilon=1e-6, rotary_base=1000000.0,
-                                        add_qkv_bias=True),
+    "llama2-7b": lambda: QSparseConfig(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_attention_heads=32,
+        vocab_size=32000,
+        seq_length=4096,
+        activation="silu",
+        norm_epsilon=1e-5,
+    ),
+    "mistral-7b": lambda: QSparseConfig(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        vocab_size=32000,
+        seq_length=4096,
+        activation="silu",
+        norm_epsilon=1e-5,
+    ),
+    "qwen1.5-7b": lambda: QSparseConfig(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_attention_heads=32,
+        vocab_size=151936,
+        seq_length=4096,
+        activation="silu",
+        norm_epsilon=1e-6,
+        rotary_base=1000000.0,
+        add_qkv_bias=True,
+    ),
 }
 
 

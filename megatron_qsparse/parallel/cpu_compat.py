@@ -143,8 +143,12 @@ def _megatron_patches() -> None:
         return tensor
 
     for module in (moe_utils, token_dispatcher):
-        _patch(module, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu,
-               f"{module.__name__}.maybe_move_tensor_to_cpu -> numpy split sizes")
+        _patch(
+            module,
+            "maybe_move_tensor_to_cpu",
+            maybe_move_tensor_to_cpu,
+            f"{module.__name__}.maybe_move_tensor_to_cpu -> numpy split sizes",
+        )
 
 
 def apply() -> bool:

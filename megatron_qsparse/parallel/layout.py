@@ -33,8 +33,10 @@ class ParallelLayout:
     def data_parallel_size(self, world_size: int) -> int:
         """World size / (TP × PP), refused when it does not divide or EP does not divide the result."""
         if world_size % self.model_parallel_size:
-            raise ValueError(f"parallel: world size {world_size} is not divisible by tp×pp = {self.tp}×{self.pp}; "
-                             f"launch a multiple of {self.model_parallel_size} processes or change the layout")
+            raise ValueError(
+                f"parallel: world size {world_size} is not divisible by tp×pp = {self.tp}×{self.pp}; "
+                f"launch a multiple of {self.model_parallel_size} processes or change the layout"
+            )
         dp = world_size // self.model_parallel_size
         if dp % self.ep:
             raise ValueError(f"parallel.ep: must divide the data-parallel size {dp}")

@@ -11,8 +11,9 @@ from megatron_qsparse.sparsity.bitnet import abs_sum, absmax_scale, absmean_scal
 def sharded_absmean(w_local: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return absmean_scale(w_local)
-    total = torch.stack([abs_sum(w_local),
-                         torch.tensor(float(w_local.numel()), dtype=torch.float64, device=w_local.device)])
+    total = torch.stack(
+        [abs_sum(w_local), torch.tensor(float(w_local.numel()), dtype=torch.float64, device=w_local.device)]
+    )
     dist.all_reduce(total, group=group)
     return (total[0] / total[1]).float()
 

@@ -104,9 +104,7 @@ def block_topk_mask(x: torch.Tensor, sparsity: float, block_size: int) -> torch.
     """N:M mask: in each block of ``block_size`` consecutive entries keep ``floor((1-s)*M)``."""
     size = x.shape[-1]
     if size % block_size:
-        raise ValueError(
-            f"block sparsity needs the hidden size ({size}) to be a multiple of block_size ({block_size})"
-        )
+        raise ValueError(f"block sparsity needs the hidden size ({size}) to be a multiple of block_size ({block_size})")
     blocks = x.reshape(*x.shape[:-1], size // block_size, block_size)
     return topk_mask(blocks, kept_count(sparsity, block_size)).reshape(x.shape)
 
@@ -129,9 +127,7 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, ste: bool = True) -> torch.T
     return _MaskWithSTE.apply(x, mask) if ste else x * mask
 
 
-def topk_sparsify(
-    x: torch.Tensor, sparsity: float, block_size: Optional[int] = None, ste: bool = True
-) -> torch.Tensor:
+def topk_sparsify(x: torch.Tensor, sparsity: float, block_size: Optional[int] = None, ste: bool = True) -> torch.Tensor:
     """Q-Sparse top-K over the last dim (or within blocks of ``block_size``). ``sparsity=0`` returns x."""
     if check_sparsity(sparsity) == 0:
         return x

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_qsparse import atomic
-from megatron_qsparse.training.optimizer import load_zero_partition, save_zero_partition
 from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side, re-exported for the trainer)
     LATEST,
     STATE_FILE,
@@ -29,6 +28,7 @@ from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side
     resolve_checkpoint,
     step_name,
 )
+from megatron_qsparse.training.optimizer import load_zero_partition, save_zero_partition
 
 
 def _rank_file(directory: Path, kind: str) -> Path:

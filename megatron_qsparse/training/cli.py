@@ -26,8 +26,9 @@ def _init_process_group() -> None:
     if "RANK" not in os.environ:  # plain `python`: a one-process group on the loopback
         from megatron_qsparse.parallel.ports import free_port
 
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -37,8 +38,14 @@ def _init_process_group() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train a Q-Sparse model (pretraining, continue-training, SFT).")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=50 --set model.sparsity.fc2=0.8")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=50 --set model.sparsity.fc2=0.8",
+    )
     parser.add_argument("--check", action="store_true", help="validate the config for WORLD_SIZE and exit")
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")

@@ -92,8 +92,16 @@ class LogConfig:
     tensorboard: bool = True
 
 
-SECTIONS = {"parallel": ParallelLayout, "data": DataConfig, "batch": BatchConfig, "optimizer": OptimizerConfig,
-            "schedule": ScheduleConfig, "train": TrainSection, "checkpoint": CheckpointConfig, "log": LogConfig}
+SECTIONS = {
+    "parallel": ParallelLayout,
+    "data": DataConfig,
+    "batch": BatchConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainSection,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
 
 
 @dataclass
@@ -146,29 +154,47 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(f"{self.source}: {err}") from None
         need(b.micro_batch_size >= 1, "batch.micro_batch_size", "must be >= 1")
-        need(b.global_batch_size % (b.micro_batch_size * dp) == 0, "batch.global_batch_size",
-             f"{b.global_batch_size} is not a multiple of micro_batch_size × data-parallel size = "
-             f"{b.micro_batch_size} × {dp}")
+        need(
+            b.global_batch_size % (b.micro_batch_size * dp) == 0,
+            "batch.global_batch_size",
+            f"{b.global_batch_size} is not a multiple of micro_batch_size × data-parallel size = "
+            f"{b.micro_batch_size} × {dp}",
+        )
         need(self.zero_stage in (1, 2), "optimizer.zero_stage", "must be 1 or 2")
-        need(not (self.zero_stage == 2 and p.pp > 1), "optimizer.zero_stage",
-             "2 is not supported with pipeline parallelism (DeepSpeed); use 1")
-        need(not (self.model.tie_embeddings and p.pp > 1), "model.tie_embeddings",
-             "tied embeddings are not supported with pipeline parallelism here; set model.tie_embeddings=false")
+        need(
+            not (self.zero_stage == 2 and p.pp > 1),
+            "optimizer.zero_stage",
+            "2 is not supported with pipeline parallelism (DeepSpeed); use 1",
+        )
+        need(
+            not (self.model.tie_embeddings and p.pp > 1),
+            "model.tie_embeddings",
+            "tied embeddings are not supported with pipeline parallelism here; set model.tie_embeddings=false",
+        )
         s = self.schedule
-        need(s.kind in ("cosine", "polynomial", "two_stage"), "schedule.kind",
-             f"{s.kind!r} is not one of cosine, polynomial, two_stage")
+        need(
+            s.kind in ("cosine", "polynomial", "two_stage"),
+            "schedule.kind",
+            f"{s.kind!r} is not one of cosine, polynomial, two_stage",
+        )
         need(0.0 < s.stage2_at < 1.0, "schedule.stage2_at", "must lie in (0, 1)")
         t = self.train
         need(t.steps >= 1, "train.steps", "must be >= 1")
         need(t.mode in ("pretrain", "continue", "sft"), "train.mode", f"{t.mode!r} is not pretrain/continue/sft")
-        need(t.mode == "pretrain" or t.init_from is not None or self._resumable(), "train.init_from",
-             f"mode {t.mode} starts from a checkpoint: set train.init_from to a checkpoint directory")
+        need(
+            t.mode == "pretrain" or t.init_from is not None or self._resumable(),
+            "train.init_from",
+            f"mode {t.mode} starts from a checkpoint: set train.init_from to a checkpoint directory",
+        )
         if t.init_from:
             need(Path(t.init_from).exists(), "train.init_from", f"{t.init_from} does not exist")
         need(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"{t.dtype!r} is not auto/fp32/bf16")
         d = self.data
-        need(d.tokenizer is not None and Path(d.tokenizer).is_dir(), "data.tokenizer",
-             f"{d.tokenizer!r} is not a tokenizer directory (train one with tools/train_tokenizer.py)")
+        need(
+            d.tokenizer is not None and Path(d.tokenizer).is_dir(),
+            "data.tokenizer",
+            f"{d.tokenizer!r} is not a tokenizer directory (train one with tools/train_tokenizer.py)",
+        )
         if t.mode == "sft":
             need(d.sft is not None and Path(d.sft).is_file(), "data.sft", f"{d.sft!r} is not a JSON-lines file")
         else:

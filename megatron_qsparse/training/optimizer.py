@@ -110,10 +110,14 @@ def deepspeed_sees_megatron_experts(model: torch.nn.Module):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    for table, ranks, group in ((groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
-                                 ps.get_expert_model_parallel_group()),
-                                (groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
-                                 ps.get_expert_data_parallel_group())):
+    for table, ranks, group in (
+        (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS, ps.get_expert_model_parallel_group()),
+        (
+            groups._EXPERT_DATA_PARALLEL_GROUP,
+            groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+            ps.get_expert_data_parallel_group(),
+        ),
+    ):
         table[EXPERT_GROUP], ranks[EXPERT_GROUP] = group, torch.distributed.get_process_group_ranks(group)
     for p in experts:
         p.group_name = EXPERT_GROUP
@@ -165,8 +169,9 @@ def discard_step(engine) -> None:
         del inner.step
 
 
-def build_engine(model, *, lr, betas, eps, weight_decay, clip_grad, zero_stage, micro_batch_size,
-                 num_microbatches, bf16=False):
+def build_engine(
+    model, *, lr, betas, eps, weight_decay, clip_grad, zero_stage, micro_batch_size, num_microbatches, bf16=False
+):
     """A DeepSpeed engine owning the optimizer state of this rank's model stage."""
     import deepspeed
     from megatron.core import parallel_state as ps
@@ -179,14 +184,19 @@ def build_engine(model, *, lr, betas, eps, weight_decay, clip_grad, zero_stage, 
         "train_batch_size": micro_batch_size * ps.get_data_parallel_world_size(),
         "managed_gradient_accumulation": False,  # megatron-core's schedule owns the microbatches
         "gradient_clipping": clip_grad,
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True,
-                              "reduce_scatter": True},
+        "zero_optimization": {
+            "stage": zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+        },
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
     with deepspeed_sees_megatron_experts(model):
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=MegatronMPU(),
-                                          dist_init_required=False)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, mpu=MegatronMPU(), dist_init_required=False
+        )
     return engine

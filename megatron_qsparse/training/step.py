@@ -14,8 +14,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor)
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
 
 
-def forward_backward(call: Callable, module, batches: List[Dict[str, torch.Tensor]], seq_length: int,
-                     forward_only: bool = False, loss_fn: Callable = None) -> Optional[torch.Tensor]:
+def forward_backward(
+    call: Callable,
+    module,
+    batches: List[Dict[str, torch.Tensor]],
+    seq_length: int,
+    forward_only: bool = False,
+    loss_fn: Callable = None,
+) -> Optional[torch.Tensor]:
     """Run ``batches`` (this rank's microbatches) through the schedule; ``call(tokens, position_ids)`` is the
     forward (the DeepSpeed engine in training, so that its backward hooks see the outputs). Gradients
     accumulate, already averaged over microbatches. Returns the mean loss on the last stage, else None."""
@@ -37,8 +43,13 @@ def forward_backward(call: Callable, module, batches: List[Dict[str, torch.Tenso
         return output, loss_func
 
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[module],
-        num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro, forward_only=forward_only,
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[module],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro,
+        forward_only=forward_only,
     )
     if not ps.is_pipeline_last_stage():
         return None
@@ -51,7 +62,6 @@ def global_mean_loss(local_loss: Optional[torch.Tensor]) -> float:
     from megatron.core import parallel_state as ps
 
     contributes = local_loss is not None and ps.get_tensor_model_parallel_rank() == 0
-    total = torch.tensor([float(local_loss) if contributes else 0.0, 1.0 if contributes else 0.0],
-                         dtype=torch.float64)
+    total = torch.tensor([float(local_loss) if contributes else 0.0, 1.0 if contributes else 0.0], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total[0] / total[1])

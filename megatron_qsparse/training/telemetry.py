@@ -54,8 +54,9 @@ class GradientCapture:
     def __init__(self, model):
         self.model = model
         self.buffers: Dict[str, torch.Tensor] = {}
-        self.handles = [p.register_hook(partial(self._add, name))
-                        for name, p in model.named_parameters() if p.requires_grad]
+        self.handles = [
+            p.register_hook(partial(self._add, name)) for name, p in model.named_parameters() if p.requires_grad
+        ]
 
     def _add(self, name: str, grad: torch.Tensor) -> None:
         held = self.buffers.get(name)
@@ -111,8 +112,11 @@ class MetricsWriter:
         """A resumed run rewrites the steps after its checkpoint: drop their old records."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= start_step
+        ]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)

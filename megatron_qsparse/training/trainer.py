@@ -70,19 +70,35 @@ class Data:
     valid_tokens: int
 
 
-SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups", "head_dim",
-                "padded_vocab_size", "num_experts", "moe_ffn_hidden_size", "add_qkv_bias", "tie_embeddings",
-                "normalization")
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "query_groups",
+    "head_dim",
+    "padded_vocab_size",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "add_qkv_bias",
+    "tie_embeddings",
+    "normalization",
+)
 
 
 def _check_same_shape(source: Path, cfg: TrainConfig) -> None:
     """A clear error instead of a tensor-shape failure deep in the checkpoint loader."""
     saved_cfg = ckpt.read_model_config(source)
-    differs = {k: (getattr(saved_cfg, k), getattr(cfg.model, k)) for k in SHAPE_FIELDS
-               if getattr(saved_cfg, k) != getattr(cfg.model, k)}
+    differs = {
+        k: (getattr(saved_cfg, k), getattr(cfg.model, k))
+        for k in SHAPE_FIELDS
+        if getattr(saved_cfg, k) != getattr(cfg.model, k)
+    }
     if differs:
-        raise ValueError(f"train.init_from={source}: the checkpoint's model differs from the config's "
-                         f"(checkpoint, config): {differs}; set the model section to match it")
+        raise ValueError(
+            f"train.init_from={source}: the checkpoint's model differs from the config's "
+            f"(checkpoint, config): {differs}; set the model section to match it"
+        )
 
 
 def _dtype(cfg: TrainConfig) -> torch.dtype:
@@ -99,13 +115,23 @@ def _build_data(cfg: TrainConfig, tokenizer, world_size: int) -> Data:
     eval_samples = cfg.log.eval_iters * g
     if cfg.train.mode == "sft":
         train = SFTDataset(Path(cfg.data.sft), tokenizer, seq, cfg.data.prompt_key, cfg.data.response_key)
-        valid = (SFTDataset(Path(cfg.data.sft_valid), tokenizer, seq, cfg.data.prompt_key, cfg.data.response_key)
-                 if cfg.data.sft_valid else None)
+        valid = (
+            SFTDataset(Path(cfg.data.sft_valid), tokenizer, seq, cfg.data.prompt_key, cfg.data.response_key)
+            if cfg.data.sft_valid
+            else None
+        )
     else:
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.run_dir / "data_cache"
         train, valid = build_gpt_datasets(
-            cfg.blend(cfg.data.train, "data.train"), cfg.blend(cfg.data.valid, "data.valid"), tokenizer, seq,
-            cfg.train.seed, cfg.train.steps * g, eval_samples, cache)
+            cfg.blend(cfg.data.train, "data.train"),
+            cfg.blend(cfg.data.valid, "data.valid"),
+            tokenizer,
+            seq,
+            cfg.train.seed,
+            cfg.train.steps * g,
+            eval_samples,
+            cache,
+        )
     valid_bytes = valid_tokens = 0
     if valid is not None:
         for batch in microbatches(valid, 0, eval_samples, g, 0, 1):
@@ -147,9 +173,17 @@ class Trainer:
         self.num_microbatches = cfg.num_microbatches(self.world_size)
         o = cfg.optimizer
         self.engine = build_engine(
-            self.model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-            clip_grad=o.clip_grad, zero_stage=cfg.zero_stage, micro_batch_size=cfg.batch.micro_batch_size,
-            num_microbatches=self.num_microbatches, bf16=self.dtype == torch.bfloat16)
+            self.model,
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            clip_grad=o.clip_grad,
+            zero_stage=cfg.zero_stage,
+            micro_batch_size=cfg.batch.micro_batch_size,
+            num_microbatches=self.num_microbatches,
+            bf16=self.dtype == torch.bfloat16,
+        )
         self.start_step = 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -158,16 +192,17 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"data.tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
-                             f"{cfg.model.vocab_size}: raise model.vocab_size")
+            raise ValueError(
+                f"data.tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{cfg.model.vocab_size}: raise model.vocab_size"
+            )
         self.data = _build_data(cfg, self.tokenizer, self.world_size)
         self.writer = MetricsWriter(cfg.run_dir, cfg.log.tensorboard, self.start_step)
         self.summary = summarize(cfg.model)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
-        return {"layout": vars(self.layout), "world_size": self.world_size, "config": self.cfg.to_dict(),
-                "format": 1}
+        return {"layout": vars(self.layout), "world_size": self.world_size, "config": self.cfg.to_dict(), "format": 1}
 
     def _resume(self, path: Path) -> None:
         state = ckpt.read_trainer_state(path)
@@ -175,7 +210,8 @@ class Trainer:
             raise ValueError(
                 f"{path} was written with layout {state['layout']} on {state['world_size']} processes; resuming "
                 f"needs the same (ZeRO optimizer partitions are per rank). To start a new run from its weights "
-                f"under this layout, set train.init_from={path} and checkpoint.resume=false")
+                f"under this layout, set train.init_from={path} and checkpoint.resume=false"
+            )
         ckpt.load_model(self.model, path)
         ckpt.load_optimizer_and_rng(self.engine, path)
         self.start_step = state["step"]
@@ -183,8 +219,9 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         t0 = time.time()
-        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, step, self.model, self.engine, self._trainer_state(),
-                                    self.cfg.checkpoint.keep)
+        path = ckpt.save_checkpoint(
+            self.cfg.checkpoint_dir, step, self.model, self.engine, self._trainer_state(), self.cfg.checkpoint.keep
+        )
         console(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
         return path
 
@@ -193,9 +230,14 @@ class Trainer:
         from megatron_qsparse.data.gpt_data import microbatches
 
         ps = self.ps
-        return microbatches(dataset, step, global_batch or self.cfg.batch.global_batch_size,
-                            self.cfg.batch.micro_batch_size, ps.get_data_parallel_rank(),
-                            ps.get_data_parallel_world_size())
+        return microbatches(
+            dataset,
+            step,
+            global_batch or self.cfg.batch.global_batch_size,
+            self.cfg.batch.micro_batch_size,
+            ps.get_data_parallel_rank(),
+            ps.get_data_parallel_world_size(),
+        )
 
     def _forward(self, tokens, positions):
         return self.engine(tokens, positions, None)
@@ -227,9 +269,13 @@ class Trainer:
         losses = []
         with torch.no_grad():
             for i in range(self.cfg.log.eval_iters):
-                local = forward_backward(lambda t, p: self.model(t, p, None), self.model,
-                                         self._batches(self.data.valid, i), self.cfg.model.seq_length,
-                                         forward_only=True)
+                local = forward_backward(
+                    lambda t, p: self.model(t, p, None),
+                    self.model,
+                    self._batches(self.data.valid, i),
+                    self.cfg.model.seq_length,
+                    forward_only=True,
+                )
                 losses.append(global_mean_loss(local))
         self.model.train()
         loss = sum(losses) / len(losses)
@@ -245,8 +291,7 @@ class Trainer:
         # Per-layer gradient norms only where they are reported (gradient hooks cost time).
         capture = GradientCapture(self.model) if self._eval_interval_hits(step + 1) else None
         t0 = time.time()
-        local = forward_backward(self._forward, self.model, self._batches(self.data.train, step),
-                                 cfg.model.seq_length)
+        local = forward_backward(self._forward, self.model, self._batches(self.data.train, step), cfg.model.seq_length)
         loss = global_mean_loss(local)
         layer_grads = capture.layer_norms(cfg.model.num_layers) if capture else None
         if not math.isfinite(loss):
@@ -272,9 +317,16 @@ class Trainer:
         sparsity = site_means(per_layer)
         tokens_per_s = cfg.batch.global_batch_size * cfg.model.seq_length / elapsed
         _, activated = activated_parameters(cfg.model.activated_block_linear_params(), sparsity)
-        record = {"step": done, "loss": loss, "lr": lr, "grad_norm": float(self.engine.get_global_grad_norm()),
-                  "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "sparsity": sparsity,
-                  "activated_params": activated}  # N_a with the measured per-site input sparsity
+        record = {
+            "step": done,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(self.engine.get_global_grad_norm()),
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": elapsed,
+            "sparsity": sparsity,
+            "activated_params": activated,
+        }  # N_a with the measured per-site input sparsity
         utilization = mfu(tokens_per_s, 6 * activated)
         if utilization is not None:
             record["mfu"] = utilization
@@ -302,10 +354,12 @@ class Trainer:
 
     def _banner(self) -> str:
         cfg, s = self.cfg, self.summary
-        return (f"training {cfg.model_preset} ({s['total_parameters'] / 1e6:.1f}M parameters, "
-                f"N={s['block_linear_parameters_N'] / 1e6:.1f}M, N_a={s['activated_parameters_N_a'] / 1e6:.1f}M) "
-                f"layout {self.layout} on {self.world_size} processes, {self.num_microbatches} microbatches, "
-                f"ZeRO-{cfg.zero_stage}, {self.dtype}, steps {self.start_step}..{cfg.train.steps}")
+        return (
+            f"training {cfg.model_preset} ({s['total_parameters'] / 1e6:.1f}M parameters, "
+            f"N={s['block_linear_parameters_N'] / 1e6:.1f}M, N_a={s['activated_parameters_N_a'] / 1e6:.1f}M) "
+            f"layout {self.layout} on {self.world_size} processes, {self.num_microbatches} microbatches, "
+            f"ZeRO-{cfg.zero_stage}, {self.dtype}, steps {self.start_step}..{cfg.train.steps}"
+        )
 
     def train(self) -> dict:
         steps = self.cfg.train.steps
@@ -326,14 +380,21 @@ class Trainer:
             self._save_or_stop(record["step"])
         final = self.save(steps) if self.start_step < steps else ckpt.find_latest(self.cfg.checkpoint_dir)
         self.writer.close()
-        return {"first_loss": first_loss, "last_loss": last_loss, "eval": last_eval, "checkpoint": str(final),
-                "steps": steps}
+        return {
+            "first_loss": first_loss,
+            "last_loss": last_loss,
+            "eval": last_eval,
+            "checkpoint": str(final),
+            "steps": steps,
+        }
 
     @staticmethod
     def _line(r: dict, steps: int) -> str:
         sp = " ".join(f"{k} {v:.2f}" for k, v in r["sparsity"].items())
-        line = (f"step {r['step']:>6}/{steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} "
-                f"| {r['tokens_per_s']:,.0f} tok/s | sparsity {sp}")
+        line = (
+            f"step {r['step']:>6}/{steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} "
+            f"| {r['tokens_per_s']:,.0f} tok/s | sparsity {sp}"
+        )
         if "eval" in r:
             line += f" | eval loss {r['eval']['loss']:.4f} bpb {r['eval']['bits_per_byte']:.3f}"
         return line

@@ -19,8 +19,16 @@ from megatron_qsparse.parallel.state import ParallelLayout, destroy_model_parall
 from megatron_qsparse.sparsity.bitnet import absmax_scale, absmean_scale
 
 # Small enough for 2 CPU cores, large enough that TP shards, GQA, blocks of 32 and top-2 of 4 experts matter.
-TINY = ["num_layers=2", "hidden_size=64", "ffn_hidden_size=128", "num_attention_heads=4", "num_query_groups=2",
-        "vocab_size=256", "seq_length=32", "tie_embeddings=false"]
+TINY = [
+    "num_layers=2",
+    "hidden_size=64",
+    "ffn_hidden_size=128",
+    "num_attention_heads=4",
+    "num_query_groups=2",
+    "vocab_size=256",
+    "seq_length=32",
+    "tie_embeddings=false",
+]
 VARIANTS = {
     "dense": [],
     "qsparse": ["sparsity.default=0.5", "sparsity.fc2=0.8"],
@@ -96,7 +104,7 @@ def run(cfg, layout: ParallelLayout, whole_batch: bool = False) -> RunResult:
         start = dp_rank * rows
         positions = torch.arange(cfg.seq_length).expand(mb, -1)
         microbatches = [
-            {k: v[start + i * mb: start + (i + 1) * mb] for k, v in batch.items()} for i in range(MICROBATCHES)
+            {k: v[start + i * mb : start + (i + 1) * mb] for k, v in batch.items()} for i in range(MICROBATCHES)
         ]
         logits_out, losses = [], []
 
@@ -111,8 +119,13 @@ def run(cfg, layout: ParallelLayout, whole_batch: bool = False) -> RunResult:
             return model(item["tokens"], positions, None), partial(loss_func, item["labels"])
 
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-            num_microbatches=MICROBATCHES, seq_length=cfg.seq_length, micro_batch_size=mb, forward_only=False,
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[model],
+            num_microbatches=MICROBATCHES,
+            seq_length=cfg.seq_length,
+            micro_batch_size=mb,
+            forward_only=False,
         )
         if not whole_batch:
             reduce_gradients(model, layout, dp_size)
@@ -165,9 +178,13 @@ def compare_layout(rank, world_size, variant: str, layout: ParallelLayout) -> di
         grad_errors[key] = max(grad_errors.get(key, 0.0), relative_error(data, expected))
         norm_error = float((data - expected).norm() / expected.norm().clamp(min=1e-12))
         grad_norm_errors[key] = max(grad_norm_errors.get(key, 0.0), norm_error)
-    result = {"grad_rel": max(grad_errors.values()), "grad_keys": sorted(grad_errors),
-              "ref_keys": sorted(ref_grads), "worst_grad": max(grad_errors, key=grad_errors.get),
-              "grad_norm_rel": max(grad_norm_errors.values())}
+    result = {
+        "grad_rel": max(grad_errors.values()),
+        "grad_keys": sorted(grad_errors),
+        "ref_keys": sorted(ref_grads),
+        "worst_grad": max(grad_errors, key=grad_errors.get),
+        "grad_norm_rel": max(grad_norm_errors.values()),
+    }
     if sharded.logits.numel():
         expected = ref.logits[sharded.logits_index]
         result["loss"], result["ref_loss"] = sharded.loss, ref.loss
@@ -190,8 +207,10 @@ def per_shard_topk_mask(x_local, sparsity, block_size, group):
 # Negative controls: replace one exact piece with its shard-local approximation; the comparison must fail.
 APPROXIMATIONS = {
     "per-shard-topk": {"sharded_sparsity_mask": per_shard_topk_mask},
-    "local-bitnet-scales": {"sharded_absmax": lambda x, group: absmax_scale(x),
-                            "sharded_absmean": lambda w, group: absmean_scale(w)},
+    "local-bitnet-scales": {
+        "sharded_absmax": lambda x, group: absmax_scale(x),
+        "sharded_absmean": lambda w, group: absmean_scale(w),
+    },
 }
 
 

@@ -16,8 +16,14 @@ from megatron_qsparse.parallel.ports import free_port
 
 
 def _worker(rank, world_size, port, outdir, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), TORCHDYNAMO_DISABLE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        TORCHDYNAMO_DISABLE="1",
+    )
     import warnings
 
     import torch

@@ -23,12 +23,15 @@ TP2PP2, TP2PP2SP, TP2SPEP2 = L(tp=2, pp=2), L(tp=2, pp=2, sp=True), L(tp=2, ep=2
 DENSE_FFN = ["dense", "qsparse", "block", "bitnet"]
 # megatron-core refuses MoE with TP and no sequence parallelism, so MoE runs its TP layouts with SP.
 CASES = {
-    2: [(v, l) for v in DENSE_FFN for l in (TP2, TP2SP, PP2)] + [("moe", l) for l in (TP2SP, PP2, EP2)]
+    2: [(v, l) for v in DENSE_FFN for l in (TP2, TP2SP, PP2)]
+    + [("moe", l) for l in (TP2SP, PP2, EP2)]
     + [("tied-layernorm", l) for l in (TP2, TP2SP)],
     4: [(v, TP2PP2) for v in DENSE_FFN] + [("moe", TP2PP2SP), ("moe", TP2SPEP2)],
 }
-NEGATIVE = {2: [("per-shard-topk", "qsparse", TP2), ("local-bitnet-scales", "bitnet", TP2)],
-            4: [("per-shard-topk", "moe", TP2PP2SP)]}
+NEGATIVE = {
+    2: [("per-shard-topk", "qsparse", TP2), ("local-bitnet-scales", "bitnet", TP2)],
+    4: [("per-shard-topk", "moe", TP2PP2SP)],
+}
 
 
 def check(variant, per_rank):
@@ -63,8 +66,9 @@ def case_id(case):
     return f"{case[0]}-{case[1]}"
 
 
-@pytest.mark.parametrize("world_size,case", [(w, c) for w in CASES for c in CASES[w]],
-                         ids=[f"{case_id(c)}" for w in CASES for c in CASES[w]])
+@pytest.mark.parametrize(
+    "world_size,case", [(w, c) for w in CASES for c in CASES[w]], ids=[f"{case_id(c)}" for w in CASES for c in CASES[w]]
+)
 def test_layout_equals_single_process(world_size, case):
     variant, _ = case
     per_rank = [r[case_id(case)] for r in results(world_size)]
@@ -74,8 +78,11 @@ def test_layout_equals_single_process(world_size, case):
     assert compared == set(per_rank[0]["ref_keys"])
 
 
-@pytest.mark.parametrize("world_size,case", [(w, c) for w in NEGATIVE for c in NEGATIVE[w]],
-                         ids=[f"{c[0]}:{c[1]}-{c[2]}" for w in NEGATIVE for c in NEGATIVE[w]])
+@pytest.mark.parametrize(
+    "world_size,case",
+    [(w, c) for w in NEGATIVE for c in NEGATIVE[w]],
+    ids=[f"{c[0]}:{c[1]}-{c[2]}" for w in NEGATIVE for c in NEGATIVE[w]],
+)
 def test_shard_local_approximation_is_caught(world_size, case):
     name, variant, layout = case
     per_rank = [r[f"{name}:{variant}-{layout}"] for r in results(world_size)]

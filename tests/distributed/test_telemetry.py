@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 def test_recorded_sparsity_follows_site_ratios_and_counts_relu2_zeros():
     # qsparse variant: 50% at qkv/proj/fc1, 80% at fc2; ReLU² adds natural zeros at fc2's input (mlp-mid).
-    single, = run_workers(1, recorded_sparsity, "qsparse", 1)
+    (single,) = run_workers(1, recorded_sparsity, "qsparse", 1)
     assert single["qkv"] == pytest.approx(0.5) and single["proj"] == pytest.approx(0.5)
     assert single["fc1"] == pytest.approx(0.5)
     assert 0.8 <= single["fc2"] < 0.9
@@ -23,6 +23,6 @@ def test_recorded_sparsity_follows_site_ratios_and_counts_relu2_zeros():
 
 
 def test_dense_model_records_only_natural_zeros():
-    dense, = run_workers(1, recorded_sparsity, "dense", 1)
+    (dense,) = run_workers(1, recorded_sparsity, "dense", 1)
     assert dense["qkv"] == 0.0 and dense["fc1"] == 0.0
     assert dense["fc2"] > 0.3  # ReLU(gate)² is zero wherever gate < 0

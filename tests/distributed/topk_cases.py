@@ -28,22 +28,26 @@ def check_sharded_topk(rank, world_size) -> dict:
     group = dist.group.WORLD
     width = 16
     full = adversarial_rows(world_size, width)
-    local = full[:, rank * width:(rank + 1) * width]
+    local = full[:, rank * width : (rank + 1) * width]
     mismatches, per_shard_would_differ = 0, 0
     for k in range(0, world_size * width + 1):
-        expected = topk_mask(full, k)[:, rank * width:(rank + 1) * width]
+        expected = topk_mask(full, k)[:, rank * width : (rank + 1) * width]
         got = sharded_topk_mask(local, k, group)
         mismatches += int((got != expected).any())
         naive = topk_mask(local, k // world_size)
         per_shard_would_differ += int((naive != expected).any())
     bf16 = full.to(torch.bfloat16)
-    bf16_ok = torch.equal(sharded_topk_mask(bf16[:, rank * width:(rank + 1) * width], 20, group),
-                          topk_mask(bf16, 20)[:, rank * width:(rank + 1) * width])
+    bf16_ok = torch.equal(
+        sharded_topk_mask(bf16[:, rank * width : (rank + 1) * width], 20, group),
+        topk_mask(bf16, 20)[:, rank * width : (rank + 1) * width],
+    )
     w = torch.randn(8, world_size * width, generator=torch.Generator().manual_seed(3))
     return {
         "mismatches": mismatches,
         "per_shard_would_differ": per_shard_would_differ,
         "bf16_ok": bf16_ok,
         "absmax_ok": torch.equal(sharded_absmax(local, group), absmax_scale(full)),
-        "absmean_err": float((sharded_absmean(w[:, rank * width:(rank + 1) * width], group) - absmean_scale(w)).abs()),
+        "absmean_err": float(
+            (sharded_absmean(w[:, rank * width : (rank + 1) * width], group) - absmean_scale(w)).abs()
+        ),
     }

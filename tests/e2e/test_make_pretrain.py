@@ -15,9 +15,14 @@ pytestmark = pytest.mark.slow
 def test_make_pretrain_step_limited(tmp_path):
     run_dir = tmp_path / "run"
     args = f"--set train.steps=30 --set log.eval_interval=10 --set log.run_dir={run_dir}"
-    proc = subprocess.run(["make", "--no-print-directory", "pretrain", f"ARGS={args}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=1500,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "pretrain", f"ARGS={args}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=dict(os.environ, OMP_NUM_THREADS="2"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== summary" in proc.stdout and "bits per byte" in proc.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from training.conftest import MODEL, REPO, metrics, run_training
 
 pytestmark = pytest.mark.slow
@@ -42,12 +41,22 @@ def tiny_overrides(corpus) -> list:
             sets += [f"model.{key}.{k}={json.dumps(v)}" for k, v in value.items()]
         else:
             sets.append(f"model.{key}={json.dumps(value)}")
-    sets += [f"data.tokenizer={corpus['tokenizer']}", f"data.train=[{corpus['train']}]",
-             f"data.valid=[{corpus['valid']}]",
-             "batch.micro_batch_size=2", "batch.global_batch_size=8",
-             "optimizer.lr=0.003", "optimizer.min_lr=0.0003", "schedule.warmup_steps=2", f"train.steps={STEPS}",
-             "checkpoint.interval=0", "log.interval=1", "log.eval_interval=0", "log.eval_iters=1",
-             "log.tensorboard=false"]
+    sets += [
+        f"data.tokenizer={corpus['tokenizer']}",
+        f"data.train=[{corpus['train']}]",
+        f"data.valid=[{corpus['valid']}]",
+        "batch.micro_batch_size=2",
+        "batch.global_batch_size=8",
+        "optimizer.lr=0.003",
+        "optimizer.min_lr=0.0003",
+        "schedule.warmup_steps=2",
+        f"train.steps={STEPS}",
+        "checkpoint.interval=0",
+        "log.interval=1",
+        "log.eval_interval=0",
+        "log.eval_iters=1",
+        "log.tensorboard=false",
+    ]
     assert not any(re.search(r"\s", s) for s in sets), "QSPARSE_SET splits on whitespace"
     return sets
 
@@ -80,15 +89,27 @@ def slurm(cluster, *args, timeout=60) -> subprocess.CompletedProcess:
 
 
 def submit(cluster, corpus, run_dir: Path, extra=()) -> int:
-    env = dict(cluster["env"],
-               # the documented override: the same 7B script, the tiny model on two CPU nodes
-               QSPARSE_NPROC_PER_NODE="2", QSPARSE_RUN_DIR=str(run_dir),
-               QSPARSE_SET=" ".join(tiny_overrides(corpus) + ["parallel.tp=2", "parallel.pp=2", *extra]),
-               # gloo on the loopback; one thread per process on the 2-core CI machine
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", DS_ACCELERATOR="cpu")
+    env = dict(
+        cluster["env"],
+        # the documented override: the same 7B script, the tiny model on two CPU nodes
+        QSPARSE_NPROC_PER_NODE="2",
+        QSPARSE_RUN_DIR=str(run_dir),
+        QSPARSE_SET=" ".join(tiny_overrides(corpus) + ["parallel.tp=2", "parallel.pp=2", *extra]),
+        # gloo on the loopback; one thread per process on the 2-core CI machine
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        TORCHDYNAMO_DISABLE="1",
+        DS_ACCELERATOR="cpu",
+    )
     # The node count (the 7B header asks for 8) and the output file: sbatch options override #SBATCH lines.
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={run_dir.parent}/%x-%j.out", SCRIPT],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--output={run_dir.parent}/%x-%j.out", SCRIPT],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip().split(";")[0])
 
@@ -99,8 +120,13 @@ def job_output(run_dir: Path, job: int) -> str:
 
 
 def wait(cluster, job: int, timeout: int) -> str:
-    proc = subprocess.run(["bash", str(CLUSTER), "wait", str(job), str(timeout)], env=cluster["env"],
-                          capture_output=True, text=True, timeout=timeout + 60)
+    proc = subprocess.run(
+        ["bash", str(CLUSTER), "wait", str(job), str(timeout)],
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
     if proc.returncode == 124:
         slurm(cluster, "scancel", str(job))
     return proc.stdout.strip()
@@ -117,8 +143,12 @@ def job_field(cluster, job: int, field: str) -> str:
 def reference(corpus, tmp_path_factory):
     """One process, same config and overrides, no model parallelism."""
     run_dir = tmp_path_factory.mktemp("slurm-reference") / "run"
-    overrides = tiny_overrides(corpus) + ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false",
-                                          f"log.run_dir={run_dir}"]
+    overrides = tiny_overrides(corpus) + [
+        "parallel.tp=1",
+        "parallel.pp=1",
+        "parallel.sp=false",
+        f"log.run_dir={run_dir}",
+    ]
     proc = run_training(CONFIG, 1, overrides)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir
@@ -130,8 +160,13 @@ def two_node_job(cluster, corpus, tmp_path_factory):
     started = time.monotonic()
     job = submit(cluster, corpus, run_dir)
     state = wait(cluster, job, 600)
-    return {"job": job, "state": state, "run_dir": run_dir, "wall_s": time.monotonic() - started,
-            "output": job_output(run_dir, job)}
+    return {
+        "job": job,
+        "state": state,
+        "run_dir": run_dir,
+        "wall_s": time.monotonic() - started,
+        "output": job_output(run_dir, job),
+    }
 
 
 def assert_matches_reference(reference_dir: Path, run_dir: Path) -> None:
@@ -157,12 +192,12 @@ def test_7b_script_on_two_nodes_matches_one_process(two_node_job, reference):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
     print(f"\njob {job}: submit to COMPLETED {two_node_job['wall_s']:.1f}s; losses (2 nodes x 2 | 1 process):")
     for a, b in zip(metrics(run_dir), metrics(reference)):
-        print(f"  step {a['step']:2d}  {a['loss']:.7f}  {b['loss']:.7f}  "
-              f"grad {a['grad_norm']:.6f} {b['grad_norm']:.6f}")
+        print(
+            f"  step {a['step']:2d}  {a['loss']:.7f}  {b['loss']:.7f}  grad {a['grad_norm']:.6f} {b['grad_norm']:.6f}"
+        )
 
 
-def test_preempted_job_requeues_and_resumes_to_the_same_losses(cluster, corpus, two_node_job, reference,
-                                                               tmp_path):
+def test_preempted_job_requeues_and_resumes_to_the_same_losses(cluster, corpus, two_node_job, reference, tmp_path):
     assert two_node_job["state"] == "COMPLETED", "the uninterrupted job failed: see the test above"
     run_dir = tmp_path / "run"
     started = time.monotonic()
@@ -202,6 +237,8 @@ def test_preempted_job_requeues_and_resumes_to_the_same_losses(cluster, corpus, 
     assert [r["loss"] for r in records] == [r["loss"] for r in uninterrupted]  # bit-exact, same layout
     assert_matches_reference(reference, run_dir)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
-    print(f"\njob {job}: stopped at step {at}, requeued, resumed; submit to COMPLETED {wall:.1f}s; final loss "
-          f"{records[-1]['loss']:.7f} (uninterrupted {uninterrupted[-1]['loss']:.7f}, one process "
-          f"{metrics(reference)[-1]['loss']:.7f})")
+    print(
+        f"\njob {job}: stopped at step {at}, requeued, resumed; submit to COMPLETED {wall:.1f}s; final loss "
+        f"{records[-1]['loss']:.7f} (uninterrupted {uninterrupted[-1]['loss']:.7f}, one process "
+        f"{metrics(reference)[-1]['loss']:.7f})"
+    )

@@ -10,15 +10,23 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
 # The test model: 2 layers, hidden 64, Q-Sparse 50% (fc2 80%), GQA, untied (so PP layouts apply).
-MODEL = {"preset": "tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
-         "num_query_groups": 2, "vocab_size": 2048, "seq_length": 64, "tie_embeddings": False,
-         "sparsity": {"default": 0.5, "fc2": 0.8}}
+MODEL = {
+    "preset": "tiny",
+    "num_layers": 2,
+    "hidden_size": 64,
+    "ffn_hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "vocab_size": 2048,
+    "seq_length": 64,
+    "tie_embeddings": False,
+    "sparsity": {"default": 0.5, "fc2": 0.8},
+}
 
 
 def write_config(path: Path, corpus: dict, run_dir: Path, **sections) -> Path:
@@ -51,15 +59,23 @@ def environment() -> dict:
 
 
 def run_training(config: Path, nproc: int = 1, overrides=(), timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(config, nproc, overrides), cwd=REPO, env=environment(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        command(config, nproc, overrides), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
 def start(config: Path, nproc: int = 1, overrides=()) -> subprocess.Popen:
     """The training command in the background, in its own session (as a scheduler starts a job)."""
-    return subprocess.Popen(command(config, nproc, overrides), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command(config, nproc, overrides),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -76,8 +92,9 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0) -> None:
         if condition():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before the condition: "
-                                 f"{proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"run ended (exit {proc.returncode}) before the condition: {proc.stderr.read()[-3000:]}"
+            )
         time.sleep(0.05)
     kill_tree(proc)
     raise AssertionError("timed out waiting for the run")

@@ -1,7 +1,5 @@
 """In-process trainer runs (inside tests/distributed/launch.run_workers) for behaviour that needs hooks."""
 
-import math
-
 import torch
 
 from megatron_qsparse.training import trainer as trainer_module
@@ -27,8 +25,11 @@ def nonfinite_run(rank, world_size, config_path, nan_steps, max_nonfinite):
 
     def checked_skip():
         params = [p.detach().clone() for p in trainer.model.parameters()]
-        moments = {k: v.clone() for k, v in trainer.engine.optimizer.optimizer.state_dict()["state"][0].items()} \
-            if trainer.engine.optimizer.optimizer.state else {}
+        moments = (
+            {k: v.clone() for k, v in trainer.engine.optimizer.optimizer.state_dict()["state"][0].items()}
+            if trainer.engine.optimizer.optimizer.state
+            else {}
+        )
         real_skip()
         same_params = all(torch.equal(a, b) for a, b in zip(params, trainer.model.parameters()))
         after = trainer.engine.optimizer.optimizer.state_dict()["state"].get(0, {})
@@ -43,6 +44,9 @@ def nonfinite_run(rank, world_size, config_path, nan_steps, max_nonfinite):
         exit_code = stop.code
     finally:
         trainer_module.global_mean_loss = real_mean
-    return {"untouched": untouched, "exit_code": exit_code, "grads_cleared": all(
-        p.grad is None or not torch.isnan(p.grad).any() for p in trainer.model.parameters()),
-        "finite_params": all(torch.isfinite(p).all() for p in trainer.model.parameters())}
+    return {
+        "untouched": untouched,
+        "exit_code": exit_code,
+        "grads_cleared": all(p.grad is None or not torch.isnan(p.grad).any() for p in trainer.model.parameters()),
+        "finite_params": all(torch.isfinite(p).all() for p in trainer.model.parameters()),
+    }

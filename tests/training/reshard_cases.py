@@ -11,8 +11,18 @@ from megatron_qsparse.model.init import default_init, initialize_weights
 from megatron_qsparse.parallel.state import ParallelLayout, destroy_model_parallel, initialize_model_parallel
 from megatron_qsparse.training.checkpoint import load_model
 
-MODEL = ["num_layers=2", "hidden_size=64", "ffn_hidden_size=128", "num_attention_heads=4", "num_query_groups=2",
-         "vocab_size=256", "seq_length=16", "tie_embeddings=false", "sparsity.default=0.5", "sparsity.fc2=0.8"]
+MODEL = [
+    "num_layers=2",
+    "hidden_size=64",
+    "ffn_hidden_size=128",
+    "num_attention_heads=4",
+    "num_query_groups=2",
+    "vocab_size=256",
+    "seq_length=16",
+    "tie_embeddings=false",
+    "sparsity.default=0.5",
+    "sparsity.fc2=0.8",
+]
 
 
 def _full_logits(model, cfg):
@@ -22,15 +32,20 @@ def _full_logits(model, cfg):
 
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length), generator=torch.Generator().manual_seed(9))
     positions = torch.arange(cfg.seq_length).expand(2, -1)
-    out = []
 
     def forward_step(data_iterator, m):
         return m(next(data_iterator), positions, None), lambda o: (o.sum() * 0, {"logits": o.detach()})
 
     with torch.no_grad():
-        reports = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]),
-                                              model=[model], num_microbatches=1, seq_length=cfg.seq_length,
-                                              micro_batch_size=2, forward_only=True)
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([tokens]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=cfg.seq_length,
+            micro_batch_size=2,
+            forward_only=True,
+        )
     if not ps.is_pipeline_last_stage():
         return None
     shard = reports[0]["logits"]

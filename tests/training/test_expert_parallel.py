@@ -10,8 +10,7 @@ active (clip 1.0, norms reach 1.1).
 
 import pytest
 
-from training.conftest import (assert_same_trajectory, kill_tree, metrics, run_training, start, wait_for,
-                               write_config)
+from training.conftest import assert_same_trajectory, kill_tree, metrics, run_training, start, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 MOE = {"num_experts": 4, "moe_router_topk": 2}

@@ -57,7 +57,7 @@ def _adam_moment_elements(checkpoint_dir):
 
 
 def test_zero_partitions_optimizer_state_over_data_parallel_ranks(runs):
-    single, = _adam_moment_elements(runs["single"] / "checkpoints" / "step_0000020")
+    (single,) = _adam_moment_elements(runs["single"] / "checkpoints" / "step_0000020")
     for layout in ("dp2-zero1", "dp2-zero2"):
         per_rank = _adam_moment_elements(runs[layout] / "checkpoints" / "step_0000020")
         assert len(per_rank) == 2

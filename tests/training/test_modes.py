@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
 from distributed.launch import run_workers
+
+from megatron_qsparse.training.checkpoint import find_latest
 from training.conftest import metrics, run_training, write_config
 from training.modes_cases import nonfinite_run
-from megatron_qsparse.training.checkpoint import find_latest
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +24,14 @@ def pretrained(corpus, tmp_path_factory):
 
 def test_nonfinite_steps_are_skipped_then_abort_leaves_checkpoint(corpus, tmp_path):
     config = write_config(tmp_path / "a.yaml", corpus, tmp_path / "a", train={"steps": 8})
-    result, = run_workers(1, nonfinite_run, str(config), {3, 4}, 5)
+    (result,) = run_workers(1, nonfinite_run, str(config), {3, 4}, 5)
     assert result["exit_code"] == 0 and result["untouched"] == [True, True] and result["finite_params"]
     records = metrics(tmp_path / "a")
     assert [r["step"] for r in records if r.get("skipped")] == [3, 4]
     assert all(math.isfinite(r["loss"]) for r in records if not r.get("skipped"))
 
-    config = write_config(tmp_path / "b.yaml", corpus, tmp_path / "b", train={"steps": 12},
-                          checkpoint={"interval": 2})
-    result, = run_workers(1, nonfinite_run, str(config), set(range(5, 100)), 3)
+    config = write_config(tmp_path / "b.yaml", corpus, tmp_path / "b", train={"steps": 12}, checkpoint={"interval": 2})
+    (result,) = run_workers(1, nonfinite_run, str(config), set(range(5, 100)), 3)
     assert result["exit_code"] == 3  # documented: aborted after 3 consecutive non-finite losses
     latest = find_latest(tmp_path / "b" / "checkpoints")
     assert latest.name == "step_0000004"  # the last good checkpoint, intact
@@ -40,9 +39,12 @@ def test_nonfinite_steps_are_skipped_then_abort_leaves_checkpoint(corpus, tmp_pa
 
 
 def test_continue_training_ramps_sparsity_from_dense(corpus, pretrained, tmp_path):
-    config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run",
-                          train={"steps": 6, "mode": "continue", "init_from": str(pretrained),
-                                 "sparsity_ramp_steps": 4})
+    config = write_config(
+        tmp_path / "c.yaml",
+        corpus,
+        tmp_path / "run",
+        train={"steps": 6, "mode": "continue", "init_from": str(pretrained), "sparsity_ramp_steps": 4},
+    )
     proc = run_training(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "initializing weights from" in proc.stdout
@@ -66,14 +68,19 @@ def test_sft_masks_the_prompt_and_learns(corpus, pretrained, tmp_path):
     example = SFTDataset(sft, tokenizer, 64)[0]
     prompt_len = len(tokenizer.tokenize(pairs[0]["prompt"]))
     assert example["loss_mask"][: prompt_len - 1].sum() == 0  # labels inside the prompt: not trained
-    assert example["loss_mask"][prompt_len - 1:].all()  # the response (truncated to the window) is
+    assert example["loss_mask"][prompt_len - 1 :].all()  # the response (truncated to the window) is
     assert torch.equal(example["labels"][:-1], example["tokens"][1:])
 
-    config = write_config(tmp_path / "s.yaml", corpus, tmp_path / "run",
-                          data={"sft": str(sft), "sft_valid": str(sft)},
-                          train={"steps": 10, "mode": "sft", "init_from": str(pretrained)},
-                          schedule={"warmup_steps": 0}, optimizer={"lr": 2e-3, "min_lr": 2e-3},
-                          log={"eval_interval": 5, "eval_iters": 1})
+    config = write_config(
+        tmp_path / "s.yaml",
+        corpus,
+        tmp_path / "run",
+        data={"sft": str(sft), "sft_valid": str(sft)},
+        train={"steps": 10, "mode": "sft", "init_from": str(pretrained)},
+        schedule={"warmup_steps": 0},
+        optimizer={"lr": 2e-3, "min_lr": 2e-3},
+        log={"eval_interval": 5, "eval_iters": 1},
+    )
     proc = run_training(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [r["eval"]["loss"] for r in metrics(tmp_path / "run") if "eval" in r]

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from training.conftest import kill_tree, losses, metrics, run_training, start, wait_for, write_config
 from megatron_qsparse.training.checkpoint import find_latest, read_trainer_state
+from training.conftest import kill_tree, losses, metrics, run_training, start, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 STEPS = 40
@@ -41,11 +41,17 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(corpus, reference, 
 
 
 def test_sigterm_writes_a_loadable_checkpoint_and_exits_75(corpus, reference, tmp_path):
-    config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", train={"steps": STEPS},
-                          checkpoint={"interval": 0})
+    config = write_config(
+        tmp_path / "config.yaml", corpus, tmp_path / "run", train={"steps": STEPS}, checkpoint={"interval": 0}
+    )
     proc = start(config)
-    wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists()
-             and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 3, proc)
+    wait_for(
+        lambda: (
+            (tmp_path / "run" / "metrics.jsonl").exists()
+            and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 3
+        ),
+        proc,
+    )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from megatron_qsparse import kernels
-from megatron_qsparse.sparsity import bitnet
 from megatron_qsparse.sparsity import (
+    bitnet,
     quantize_activation_int8,
     quantize_weight_ternary,
     squared_relu,
@@ -32,8 +32,12 @@ def test_quantizers_equal_the_torch_definition_bit_for_bit(dtype):
     x[0, 0] = 0
     x[1, 1, 0] = float("nan")
     x[2, 2, :4] = torch.tensor([0.5, -0.5, 1.5, 127.0]).to(dtype) * x[2, 2].abs().amax() / 127
-    cases = ((lambda t: quantize_weight_ternary(t, alpha), w), (quantize_weight_ternary, w[1:]),
-             (quantize_activation_int8, x), (bitnet.absmean_scale, w[1:, :70]))
+    cases = (
+        (lambda t: quantize_weight_ternary(t, alpha), w),
+        (quantize_weight_ternary, w[1:]),
+        (quantize_activation_int8, x),
+        (bitnet.absmean_scale, w[1:, :70]),
+    )
     for fn, arg in cases:
         got, expected = fn(arg), quantized_by_torch(fn, arg)
         assert not expected.isnan().all()

@@ -151,7 +151,11 @@ def test_ztext_reader_returns_exact_verses():
     second = b"Verses 29-30, stored once."
     records = [(0, 0, 0), (0, 0, 17), (0, 17, len(first) - 17), (1, 0, len(second)), (1, 0, len(second))]
     assert read_ztext_testament(*ztext([first, second], records)) == [
-        "", "In the beginning.", "“Light”, he said.", "Verses 29-30, stored once.", ""  # a linked verse: once
+        "",
+        "In the beginning.",
+        "“Light”, he said.",
+        "Verses 29-30, stored once.",
+        "",  # a linked verse: once
     ]
 
 
@@ -192,9 +196,27 @@ def test_osis_chapters_run_from_start_to_end_milestone():
 
 def test_split_chapters_drops_front_matter_and_unwraps_paragraphs():
     lines = [
-        "EMMA", "", "By Jane Austen", "", "VOLUME I", "", "CHAPTER I", "", "",
-        "Emma Woodhouse, handsome, clever,", "and _rich_.", "", "Second  paragraph.",
-        "", "VOLUME II", "", "Chapter 2", "", "Short.", "", "FINIS",
+        "EMMA",
+        "",
+        "By Jane Austen",
+        "",
+        "VOLUME I",
+        "",
+        "CHAPTER I",
+        "",
+        "",
+        "Emma Woodhouse, handsome, clever,",
+        "and _rich_.",
+        "",
+        "Second  paragraph.",
+        "",
+        "VOLUME II",
+        "",
+        "Chapter 2",
+        "",
+        "Short.",
+        "",
+        "FINIS",
     ]
     assert split_chapters(lines) == ["Emma Woodhouse, handsome, clever, and rich.\n\nSecond paragraph.", "Short."]
 
@@ -294,8 +316,15 @@ def test_heldout_split_is_deterministic_disjoint_and_non_empty():
     assert split_documents(reversed(documents)) == (train[::-1], heldout[::-1])
     # Pinned: the rule is a hash of the id, so these are held out on every machine and in every run.
     assert {d.source for d in heldout} == {
-        "bible/Ps/24", "bible/Matt/9", "bible/Luke/16", "bible/Rev/11", "austen/sensesensibility/17",
-        "austen/persuasion/3", "jargon/break-even-point", "jargon/toor", "jargon/appendix-a-hacker-folklore",
+        "bible/Ps/24",
+        "bible/Matt/9",
+        "bible/Luke/16",
+        "bible/Rev/11",
+        "austen/sensesensibility/17",
+        "austen/persuasion/3",
+        "jargon/break-even-point",
+        "jargon/toor",
+        "jargon/appendix-a-hacker-folklore",
     }
 
 

@@ -38,15 +38,24 @@ print(json.dumps(out))
 
 
 def test_patches_are_named_and_work():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env={"TORCHDYNAMO_DISABLE": "1", "PATH": "/usr/bin:/bin",
-                               "PYTHONPATH": ":".join(sys.path)})
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env={"TORCHDYNAMO_DISABLE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["factory"] == out["cuda_method"] == out["to_cuda"] == out["current_device"] == "cpu"
     assert out["fork_restores_default"] and out["fork_advances_own_state"] and out["fork_reproducible"]
     assert out["te_gemm_none"] and out["splits_numpy"] == "ndarray"
     names = "\n".join(out["patches"])
-    for expected in ("torch.cuda.current_device", "mcore RNG tracker", "TorchFunctionMode", "te_general_gemm",
-                     "maybe_move_tensor_to_cpu", "torch.cuda.Stream"):
+    for expected in (
+        "torch.cuda.current_device",
+        "mcore RNG tracker",
+        "TorchFunctionMode",
+        "te_general_gemm",
+        "maybe_move_tensor_to_cpu",
+        "torch.cuda.Stream",
+    ):
         assert expected in names

@@ -23,7 +23,9 @@ def test_summary_command_json():
     out = subprocess.run(
         [sys.executable, "-m", "megatron_qsparse.model.summary", "--preset", "mistral-7b", "--json"]
         + [a for r in MISTRAL_RATIOS for a in ("--set", r)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     data = json.loads(out)
     assert data["site_sparsity"] == {"qkv": 0.514, "proj": 0.5, "fc1": 0.5, "fc2": 0.8}
@@ -33,7 +35,8 @@ def test_summary_command_json():
 def test_summary_command_rejects_unknown_key():
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_qsparse.model.summary", "--preset", "tiny", "--set", "sparsity.fc3=0.5"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "unknown key 'sparsity.fc3'" in proc.stderr
 
@@ -43,8 +46,12 @@ def test_activated_parameters_formula():
 
 
 def test_paper_presets_shapes():
-    expected = {"300m": (1024, 2730, 16, 24), "700m": (1536, 4096, 24, 24), "1.3b": (2048, 5460, 32, 24),
-                "7b": (4096, 11008, 32, 32)}
+    expected = {
+        "300m": (1024, 2730, 16, 24),
+        "700m": (1536, 4096, 24, 24),
+        "1.3b": (2048, 5460, 32, 24),
+        "7b": (4096, 11008, 32, 32),
+    }
     for name, (h, ffn, heads, layers) in expected.items():
         c = preset(name)
         assert (c.hidden_size, c.ffn_hidden_size, c.num_attention_heads, c.num_layers) == (h, ffn, heads, layers)
@@ -56,25 +63,33 @@ def test_moe_counts_only_routed_experts_as_activated():
     s = summarize(c)
     dense = summarize(preset("tiny"))
     assert s["site_parameters"]["fc1"] == 4 * dense["site_parameters"]["fc1"]
-    assert s["activated_parameters_N_a"] == dense["activated_parameters_N_a"] + dense["site_parameters"]["fc1"] \
-        + dense["site_parameters"]["fc2"]
+    assert (
+        s["activated_parameters_N_a"]
+        == dense["activated_parameters_N_a"] + dense["site_parameters"]["fc1"] + dense["site_parameters"]["fc2"]
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    (["sparsity.fc2=1.0"], r"sparsity.fc2=1.0 must lie in \[0, 1\)"),
-    (["num_query_groups=3"], "not divisible by num_query_groups"),
-    (["activation=gelu"], "unknown activation"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["sparsity.fc2=1.0"], r"sparsity.fc2=1.0 must lie in \[0, 1\)"),
+        (["num_query_groups=3"], "not divisible by num_query_groups"),
+        (["activation=gelu"], "unknown activation"),
+    ],
+)
 def test_bad_config_is_named(override, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny", override)
 
 
-@pytest.mark.parametrize("layout,message", [
-    (dict(tensor_model_parallel_size=3), "num_attention_heads=4 is not divisible"),
-    (dict(pipeline_model_parallel_size=3), "num_layers=4 is not divisible"),
-    (dict(expert_model_parallel_size=2), "needs num_experts"),
-])
+@pytest.mark.parametrize(
+    "layout,message",
+    [
+        (dict(tensor_model_parallel_size=3), "num_attention_heads=4 is not divisible"),
+        (dict(pipeline_model_parallel_size=3), "num_layers=4 is not divisible"),
+        (dict(expert_model_parallel_size=2), "needs num_experts"),
+    ],
+)
 def test_bad_layout_is_named(layout, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny").to_transformer_config(**layout)

@@ -1,22 +1,16 @@
 """Preprocessing the committed corpus slice to megatron-core .bin/.idx, read back with IndexedDataset."""
 
-import atexit
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 # The hermetic, offline Hugging Face environment is set in tests/conftest.py.
-
 from megatron_qsparse.data.preprocess import BadInputError, PreprocessError, preprocess  # noqa: E402
-from megatron_qsparse.data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SLICE = REPO / "tests" / "data" / "corpus_slice.jsonl"
@@ -85,9 +79,10 @@ def test_one_worker_writes_the_same_bytes_as_two(jsonl_output, tokenizer_dir, tm
 
 def assert_same_files(reference: Path, prefix: Path) -> None:
     for suffix in (".bin", ".idx"):
-        assert prefix.with_name(prefix.name + suffix).read_bytes() == reference.with_name(
-            reference.name + suffix
-        ).read_bytes()
+        assert (
+            prefix.with_name(prefix.name + suffix).read_bytes()
+            == reference.with_name(reference.name + suffix).read_bytes()
+        )
 
 
 def test_one_text_file_per_document_matches_jsonl(jsonl_output, tokenizer_dir, tmp_path):
@@ -178,11 +173,20 @@ def test_skip_bad_counts_every_reason(tokenizer_dir, tokenizer, tmp_path):
     empty.write_bytes(b"\n  \n")
     logged = []
     stats = preprocess(
-        [corpus, empty], tmp_path / "out", tokenizer_dir, skip_bad=True, workers=2,
-        log=logged.append, progress=False,
+        [corpus, empty],
+        tmp_path / "out",
+        tokenizer_dir,
+        skip_bad=True,
+        workers=2,
+        log=logged.append,
+        progress=False,
     )
     assert stats.skipped == {
-        "malformed_json": 1, "missing_field": 1, "non_string_field": 1, "invalid_utf8": 2, "empty_file": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "non_string_field": 1,
+        "invalid_utf8": 2,
+        "empty_file": 1,
     }
     assert stats.documents == 6
     dataset = read_back(tmp_path / "out")
@@ -239,8 +243,16 @@ def load_tool(name: str):
 
 def test_cli_writes_and_summarizes(tokenizer_dir, tmp_path, capsys):
     tool = load_tool("preprocess_data")
-    argv = ["--input", str(SLICE), "--tokenizer", str(tokenizer_dir), "--output-prefix", str(tmp_path / "cli"),
-            "--workers", "2"]
+    argv = [
+        "--input",
+        str(SLICE),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output-prefix",
+        str(tmp_path / "cli"),
+        "--workers",
+        "2",
+    ]
     assert tool.main(argv) == 0
     assert len(read_back(tmp_path / "cli")) == 23
     err = capsys.readouterr().err
@@ -261,8 +273,16 @@ def test_cli_exits_2_on_bad_input(tokenizer_dir, tmp_path, capsys):
 
 def test_cli_process_exit_status_without_traceback(tokenizer_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "missing.jsonl"),
-         "--tokenizer", str(tokenizer_dir), "--output-prefix", str(tmp_path / "o")],
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--output-prefix",
+            str(tmp_path / "o"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

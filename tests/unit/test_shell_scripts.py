@@ -12,10 +12,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sh"))
-WRAPPERS = {"pretrain_300m.sh": "300m.yaml", "pretrain_700m.sh": "700m.yaml", "pretrain_1p3b.sh": "1.3b.yaml",
-            "pretrain_7b.sh": "7b.yaml"}
-HEADER = ["--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive", "--output=runs/slurm/%x-%j.out",
-          "--signal=B:USR1@300", "--requeue", "--open-mode=append"]
+WRAPPERS = {
+    "pretrain_300m.sh": "300m.yaml",
+    "pretrain_700m.sh": "700m.yaml",
+    "pretrain_1p3b.sh": "1.3b.yaml",
+    "pretrain_7b.sh": "7b.yaml",
+}
+HEADER = [
+    "--ntasks-per-node=1",
+    "--gpus-per-node=8",
+    "--exclusive",
+    "--output=runs/slurm/%x-%j.out",
+    "--signal=B:USR1@300",
+    "--requeue",
+    "--open-mode=append",
+]
 
 
 def test_the_scripts_are_there():
@@ -32,8 +43,12 @@ def test_bash_syntax(script):
 @pytest.fixture(scope="module")
 def shellcheck():
     if shutil.which("shellcheck") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "shellcheck"], capture_output=True,
-                       timeout=600, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "shellcheck"],
+            capture_output=True,
+            timeout=600,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
     path = shutil.which("shellcheck")
     if path is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
@@ -61,8 +76,14 @@ def test_batch_headers(name):
 
 def test_launcher_refuses_to_run_outside_slurm():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.run(["bash", str(SLURM / "launch.sh"), "pretrain_scripts/configs/7b.yaml"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(SLURM / "launch.sh"), "pretrain_scripts/configs/7b.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "not inside a Slurm job" in proc.stderr
 
 
@@ -72,35 +93,57 @@ def test_launcher_runs_one_torchrun_per_node_with_a_static_rendezvous(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "record"
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$RECORD"\n'
-                                      '[[ "$1 $2" == "show hostnames" ]] && printf "gpu17\\ngpu18\\n"\nexit 0\n')
-    (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $*" >> "$RECORD"\n'
-                                  'while [[ "$1" == --* ]]; do shift; done\n'
-                                  'for n in 0 1; do SLURM_NODEID=$n "$@" || exit $?; done\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\necho "scontrol $*" >> "$RECORD"\n'
+        '[[ "$1 $2" == "show hostnames" ]] && printf "gpu17\\ngpu18\\n"\nexit 0\n'
+    )
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\necho "srun $*" >> "$RECORD"\n'
+        'while [[ "$1" == --* ]]; do shift; done\n'
+        'for n in 0 1; do SLURM_NODEID=$n "$@" || exit $?; done\n'
+    )
     (bin_dir / "python").write_text('#!/bin/bash\necho "python $*" >> "$RECORD"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "QSPARSE_"))}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", RECORD=str(record), SLURM_CONF=str(tmp_path / "no-slurm.conf"),
-               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[17-18]", SLURM_JOB_NUM_NODES="2",
-               SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_ON_NODE="64", SLURM_GPUS_ON_NODE="8",
-               QSPARSE_PYTHON=str(bin_dir / "python"), QSPARSE_RUN_DIR="/scratch/run",
-               QSPARSE_SET="model.preset=tiny  train.steps=20\nparallel.tp=2")
-    proc = subprocess.run(["bash", str(SLURM / "pretrain_7b.sh"), "--set", "log.interval=1"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        RECORD=str(record),
+        SLURM_CONF=str(tmp_path / "no-slurm.conf"),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu[17-18]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_CPUS_ON_NODE="64",
+        SLURM_GPUS_ON_NODE="8",
+        QSPARSE_PYTHON=str(bin_dir / "python"),
+        QSPARSE_RUN_DIR="/scratch/run",
+        QSPARSE_SET="model.preset=tiny  train.steps=20\nparallel.tp=2",
+    )
+    proc = subprocess.run(
+        ["bash", str(SLURM / "pretrain_7b.sh"), "--set", "log.interval=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = record.read_text().splitlines()
     assert lines[0] == "scontrol show hostnames gpu[17-18]"
     srun = lines[1]
     assert srun.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1")
-    trainer = ("pretrain_scripts/pretrain_qsparse.py --config pretrain_scripts/configs/7b.yaml "
-               "--set log.run_dir=/scratch/run --set model.preset=tiny --set train.steps=20 --set parallel.tp=2 "
-               "--set log.interval=1")
+    trainer = (
+        "pretrain_scripts/pretrain_qsparse.py --config pretrain_scripts/configs/7b.yaml "
+        "--set log.run_dir=/scratch/run --set model.preset=tiny --set train.steps=20 --set parallel.tp=2 "
+        "--set log.interval=1"
+    )
     for node, line in enumerate(lines[2:4]):
         assert line.startswith(
             f"python -m torch.distributed.run --node-rank={node} --nnodes=2 --nproc-per-node=8 "
             "--rdzv-backend=static --master-addr=gpu17 --master-port=24242 --max-restarts=0 "
-            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=240 "), line
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=240 "
+        ), line
         assert line.endswith(trainer), line
     assert len(lines) == 4
     assert "training finished" in proc.stdout

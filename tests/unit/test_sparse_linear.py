@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qsparse.inference import SparseDecodeLinear, backend, kept_channel_mask, topk_linear
-from megatron_qsparse.inference import gather_kernel
+from megatron_qsparse.inference import SparseDecodeLinear, backend, gather_kernel, kept_channel_mask, topk_linear
 from megatron_qsparse.inference.sparse_linear import gather_inputs
-from megatron_qsparse.sparsity.topk import (block_topk_mask, kept_count, select_by_threshold, topk_mask,
-                                            topk_mask_torch, topk_sparsify)
+from megatron_qsparse.sparsity.topk import (
+    block_topk_mask,
+    kept_count,
+    select_by_threshold,
+    topk_mask,
+    topk_mask_torch,
+    topk_sparsify,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -198,9 +203,12 @@ def test_kernel_selection_on_activation_like_rows():
     most entries (all equal but a few), NaN rows; fp32, bf16 and fp16 (ranked in fp32)."""
     needs_kernel()
     g = torch.Generator().manual_seed(7)
-    rows = [torch.randn(64, 2752, generator=g) ** 3, torch.relu(torch.randn(64, 1024, generator=g)) ** 2,
-            torch.ones(8, 4096).index_fill_(1, torch.tensor([3, 99, 4000]), 2.0),
-            torch.randn(4, 1024, generator=g).index_fill_(1, torch.arange(0, 1024, 3), float("nan"))]
+    rows = [
+        torch.randn(64, 2752, generator=g) ** 3,
+        torch.relu(torch.randn(64, 1024, generator=g)) ** 2,
+        torch.ones(8, 4096).index_fill_(1, torch.tensor([3, 99, 4000]), 2.0),
+        torch.randn(4, 1024, generator=g).index_fill_(1, torch.arange(0, 1024, 3), float("nan")),
+    ]
     for x in rows:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             xd = x.to(dtype)
@@ -215,8 +223,9 @@ def test_kernel_block_selection_equals_block_topk_mask(block_size, sparsity):
     g = torch.Generator().manual_seed(block_size)
     for x in (torch.randn(3, 128, generator=g), torch.randint(-2, 3, (3, 128), generator=g).float()):
         mask = torch.empty(x.shape, dtype=torch.bool)
-        gather_kernel.compiled_topk_linear(x, torch.zeros(128, 1), None, kept_count(sparsity, block_size),
-                                           block_size, mask)
+        gather_kernel.compiled_topk_linear(
+            x, torch.zeros(128, 1), None, kept_count(sparsity, block_size), block_size, mask
+        )
         assert torch.equal(mask, block_topk_mask(x, sparsity, block_size))
 
 
@@ -232,7 +241,7 @@ def test_decode_layer_sparse_step_equals_masked_dense_step():
 
     shape = LayerShape.from_config(preset("tiny", ["num_query_groups=2"]))
     weights = random_weights(shape, torch.float32)
-    masked = {site: (lambda w: lambda t: topk_sparsify(t, 0.5) @ w.T)(w) for site, w in weights.items()}
+    masked = {site: (lambda w: lambda t: topk_sparsify(t, 0.5) @ w.T)(w) for site, w in weights.items()}  # noqa: B023
     x = torch.randn(2, shape.hidden)
     sparse = DecodeLayer(shape, sparse_projections(weights, 0.5), batch=2)(x)
     assert_matches(sparse, DecodeLayer(shape, masked, batch=2)(x), torch.float32)
@@ -257,7 +266,7 @@ def test_decode_layer_dense_step_equals_a_plain_decoder_layer():
     q, k, v = (norm(x) @ weights["qkv"].T).split([64, 16, 16], -1)
     keys[:, :, -1], values[:, :, -1] = k.view(2, 2, 8), v.view(2, 2, 8)
     keys, values = keys.repeat_interleave(4, dim=1), values.repeat_interleave(4, dim=1)  # 4 query heads per KV
-    scores = (q.view(2, 8, 1, 8) @ keys.transpose(-1, -2)) / 8 ** 0.5
+    scores = (q.view(2, 8, 1, 8) @ keys.transpose(-1, -2)) / 8**0.5
     h = x + (scores.softmax(-1) @ values).reshape(2, 64) @ weights["proj"].T
     gate, up = (norm(h) @ weights["fc1"].T).chunk(2, -1)
     expected = h + (activation_by_name("relu2")(gate) * up) @ weights["fc2"].T
@@ -288,8 +297,13 @@ def test_topk_mask_equals_sorted_selection_with_ties_nans_and_layouts():
 
 # ---- the benchmark tools run and report what they promise (not how fast) ------------------------------------
 def run_tool(script: str) -> dict:
-    result = subprocess.run([sys.executable, str(REPO / "tools" / script), "--quick", "--json"], cwd=REPO,
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / script), "--quick", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 

@@ -1,19 +1,14 @@
 """Byte-level BPE training on the committed corpus slice, the megatron-facing adapter, and the training CLI."""
 
-import atexit
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 # The hermetic, offline Hugging Face environment is set in tests/conftest.py.
-
 from megatron_qsparse.data.preprocess import BadInputError  # noqa: E402
 from megatron_qsparse.data.tokenizer import (  # noqa: E402
     END_OF_TEXT,
@@ -177,8 +172,14 @@ def test_cli_exits_2_with_the_message_on_bad_input(tmp_path, capsys):
 
 def test_cli_process_exit_status_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input", str(tmp_path / "missing.txt"),
-         "--output", str(tmp_path / "out")],
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(tmp_path / "missing.txt"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

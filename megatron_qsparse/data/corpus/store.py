@@ -68,16 +68,23 @@ def write_corpus(
     for split, members in (("train", train), ("heldout", heldout)):
         path = paths[split]
         counts = write_jsonl(path, members)
-        files[split] = {"path": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
-                        "documents": counts.documents, "characters": counts.characters}
+        files[split] = {
+            "path": path.name,
+            "bytes": path.stat().st_size,
+            "sha256": _sha256(path),
+            "documents": counts.documents,
+            "characters": counts.characters,
+        }
         log(f"wrote {path} ({counts.documents} documents, {counts.characters:,} characters)")
     manifest = {
         "format": CORPUS_FORMAT,
         "packages": packages or {},
         "heldout_rule": f"sha256(source)[:8] as big-endian integer mod 10000 < {HELDOUT_PER_10000}",
         "files": files,
-        "sources": {source: {split: vars(c) for split, c in by_split.items()}
-                    for source, by_split in _count_by_source(train, heldout).items()},
+        "sources": {
+            source: {split: vars(c) for split, c in by_split.items()}
+            for source, by_split in _count_by_source(train, heldout).items()
+        },
     }
     write_text(cache_dir / "manifest.json", json.dumps(manifest, indent=2))
     return _corpus_files(cache_dir, manifest)
@@ -91,8 +98,10 @@ def _corpus_files(cache_dir: Path, manifest: dict) -> CorpusFiles:
         manifest=cache_dir / "manifest.json",
         train_counts=SplitCounts(files["train"]["documents"], files["train"]["characters"]),
         heldout_counts=SplitCounts(files["heldout"]["documents"], files["heldout"]["characters"]),
-        source_counts={source: {split: SplitCounts(**c) for split, c in by_split.items()}
-                       for source, by_split in manifest["sources"].items()},
+        source_counts={
+            source: {split: SplitCounts(**c) for split, c in by_split.items()}
+            for source, by_split in manifest["sources"].items()
+        },
     )
 
 

@@ -23,11 +23,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     args = parser.parse_args(argv)
-    from megatron_qsparse.hf.convert import config_from_stock, import_stock
+    from megatron_qsparse.hf.config_mapping import config_from_stock
+    from megatron_qsparse.hf.convert import import_stock
+    from megatron_qsparse.parallel.layout import ParallelLayout
 
     try:
         config = json.loads((args.hf / "config.json").read_text())
-        config_from_stock(config, str(args.hf / "config.json")).validate_layout(args.tp, args.pp)
+        config_from_stock(config, str(args.hf / "config.json")).validate_layout(ParallelLayout(tp=args.tp, pp=args.pp))
         import_stock(args.hf, args.output)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

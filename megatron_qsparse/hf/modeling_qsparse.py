@@ -11,6 +11,10 @@ Each site computes ``F.linear(topk_sparsify(x), W)`` (masked dense). Opt-in, ``u
 ``megatron_qsparse.inference.topk_linear``, which reads only the kept rows of an input-major Wᵀ and equals the
 masked dense product up to fp32 summation order. That kernel is the package's (a JIT-compiled C++ op), imported
 lazily: the default path still needs nothing but torch and transformers.
+
+Attention goes through transformers' dispatch, as its own models do: ``config._attn_implementation`` ("sdpa" by
+default, "eager" for ``eager_attention_forward`` below, or a function registered with ``AttentionInterface``)
+picks the function; every one gets the same boolean causal-and-padding mask, built once per forward.
 """
 
 import math
@@ -22,6 +26,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qsparse import QSparseHFConfig
 from .qsparse_ops import (
@@ -32,11 +37,11 @@ from .qsparse_ops import (
     topk_sparsify,
 )
 
-
 SPARSE_KERNEL_MISSING = (
     "use_sparse_kernel=True needs the megatron_qsparse package, whose compiled sparse decode kernel it runs, and "
     "it is not importable here: `pip install` the megatron_qsparse project (e.g. `pip install -e <repo>`), or "
-    "leave use_sparse_kernel off to run the default masked dense path (same outputs, only torch and transformers)")
+    "leave use_sparse_kernel off to run the default masked dense path (same outputs, only torch and transformers)"
+)
 
 
 def sparse_kernel_ops():
@@ -60,7 +65,9 @@ def linear(x, weight, bias):
     if tokens.shape[0] == 1:
         y = torch.mv(weight, tokens[0])[None]
     else:
-        y = torch.mm(weight, tokens.t().contiguous()).t()
+        # Out in F.linear's layout, not a transposed view: torch's CPU SDPA picks its route by the strides of q, k
+        # and v, and another route rounds bf16 otherwise (one last bit that can flip a top-K downstream).
+        y = torch.mm(weight, tokens.t().contiguous()).t().contiguous()
     y = y if bias is None else y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -132,7 +139,9 @@ class SiteLinear(nn.Linear):
         return super()._apply(fn, *args, **kwargs)
 
 
-class Norm(nn.Module):
+class QSparseNorm(nn.Module):
+    """RMSNorm, or LayerNorm (with a bias) when ``config.normalization`` is "layernorm", as in training."""
+
     def __init__(self, config: QSparseHFConfig, size: int):
         super().__init__()
         self.eps = config.rms_norm_eps
@@ -143,7 +152,7 @@ class Norm(nn.Module):
         return normalize(x, self.weight, self.bias, self.eps)
 
 
-class GatedMLP(nn.Module):
+class QSparseMLP(nn.Module):
     def __init__(self, config: QSparseHFConfig, intermediate: int):
         super().__init__()
         s = config.sparsity
@@ -156,7 +165,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class MoE(nn.Module):
+class QSparseMoE(nn.Module):
     """Top-k routing as megatron-core's default: top-k of the router logits, softmax over the chosen k, outputs
     weighted by those probabilities. The router sees the dense input."""
 
@@ -164,7 +173,9 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(
+            QSparseMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
 
     def forward(self, x):
         shape = x.shape
@@ -185,52 +196,107 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class Attention(nn.Module):
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, kv_heads, s, d] -> [b, kv_heads * groups, s, d]: each KV head repeated for the query heads it serves.
+    Also for groups == 1: the contiguous copy keeps the matmul's summation order (the logits) as they were."""
+    return states.repeat_interleave(groups, dim=1)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention in plain torch, with the interface of transformers' attention functions (``sdpa`` and the others
+    in ``ALL_ATTENTION_FUNCTIONS``): query [b, heads, t, d], key/value [b, kv_heads, s, d], a boolean mask (True =
+    attend, as torch's SDPA takes it) broadcastable to [b, heads, t, s]; returns ([b, t, heads, d], weights).
+    Scores and softmax in fp32 whatever the model's dtype."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    # A division by 1 / scaling (= √d in fp32), not a product: it rounds as this model always has, bit for bit.
+    scores = (query @ key.transpose(-1, -2)).float() / (1 / scaling)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    if dropout:
+        weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+class QSparseAttention(nn.Module):
+    """Fused [q; k; v] projection (one Q-Sparse site), RoPE, grouped-query attention through the function
+    ``config._attn_implementation`` names, output projection (the second site)."""
+
+    is_causal = True  # a decoder's attention (transformers' attention functions read it)
+
     def __init__(self, config: QSparseHFConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
-        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                    config.head_dim)
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.num_key_value_groups = self.heads // self.kv_heads  # the name transformers' sdpa reads for GQA
+        self.scaling = 1 / math.sqrt(self.head_dim)
         s = config.sparsity
         qkv_out = (self.heads + 2 * self.kv_heads) * self.head_dim
         self.qkv_proj = SiteLinear(config.hidden_size, qkv_out, config.attention_bias, s["qkv"], config)
         self.o_proj = SiteLinear(self.heads * self.head_dim, config.hidden_size, False, s["proj"], config)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[Cache]):
+    def forward(self, x, position_embeddings, attention_mask, past_key_values: Optional[Cache] = None, **kwargs):
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
-            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+        )
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        repeat = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        context = torch.softmax(scores, dim=-1).to(v.dtype) @ v
-        return self.o_proj(context.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        context, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(context.reshape(b, t, self.heads * self.head_dim)), weights
 
 
-class DecoderLayer(nn.Module):
+class QSparseDecoderLayer(nn.Module):
     def __init__(self, config: QSparseHFConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = Norm(config, config.hidden_size)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = Norm(config, config.hidden_size)
-        self.mlp = MoE(config) if config.num_experts else GatedMLP(config, config.intermediate_size)
+        self.input_layernorm = QSparseNorm(config, config.hidden_size)
+        self.self_attn = QSparseAttention(config, layer_idx)
+        self.post_attention_layernorm = QSparseNorm(config, config.hidden_size)
+        self.mlp = QSparseMoE(config) if config.num_experts else QSparseMLP(config, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        attended, _ = self.self_attn(
+            self.input_layernorm(x), position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_mask(past: int, length: int, attention_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Boolean [1 or b, 1, length, past + length], True = attend: query i sees keys up to past + i, and none that
+    ``attention_mask`` ([b, past + length], 0 = padding) marks. Every attention implementation gets this one mask,
+    so they mask alike."""
+    keys = torch.arange(past + length, device=device)
+    mask = (keys[None, :] <= keys[past:, None])[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()
+    return mask
 
 
 class QSparsePreTrainedModel(PreTrainedModel):
     config_class = QSparseHFConfig
     base_model_prefix = "model"
-    _no_split_modules = ["DecoderLayer"]
+    _no_split_modules = ["QSparseDecoderLayer"]
+    # Attention runs through transformers' dispatch: "eager" (ours, above), "sdpa" (the default), or a function
+    # registered with AttentionInterface. Not flash / flex: they take another mask than our boolean one.
+    _supports_sdpa = True
+    _supports_attention_backend = True
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -244,8 +310,8 @@ class QSparseModel(QSparsePreTrainedModel):
     def __init__(self, config: QSparseHFConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Norm(config, config.hidden_size)
+        self.layers = nn.ModuleList(QSparseDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = QSparseNorm(config, config.hidden_size)
         self.post_init()
 
     def rope_angles(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -256,7 +322,9 @@ class QSparseModel(QSparsePreTrainedModel):
         angles = position_ids[..., None].float() * inv_freq
         return torch.cat((angles, angles), dim=-1)[:, None]
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False, **kwargs
+    ):
         b, t = input_ids.shape
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -265,14 +333,10 @@ class QSparseModel(QSparsePreTrainedModel):
             position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, -1)
         angles = self.rope_angles(position_ids)
         x = self.embed_tokens(input_ids)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        keys = torch.arange(past + t, device=x.device)
-        mask = keys[None, :] <= (keys[past:, None])  # causal: query i sees keys up to past + i
-        mask = mask[None, None]
-        if attention_mask is not None:  # [b, past + t], 0 = padding
-            mask = mask & attention_mask[:, None, None, :].bool()
+        position_embeddings = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        mask = causal_mask(past, t, attention_mask, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, past_key_values)
+            x = layer(x, position_embeddings, mask, past_key_values, **kwargs)
         return self.norm(x), past_key_values
 
 
@@ -311,13 +375,25 @@ class QSparseForCausalLM(QSparsePreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, labels=None, logits_to_keep=0, **kwargs):
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache))
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        labels=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        """Other keyword arguments go on to the attention function (for one registered with AttentionInterface);
+        eager and sdpa ignore those they do not know."""
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache), **kwargs)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep]).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)

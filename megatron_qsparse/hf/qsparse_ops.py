@@ -9,5 +9,9 @@ from megatron_qsparse.sparsity.activations import activation_by_name  # noqa: F4
 from megatron_qsparse.sparsity.bitnet import quantize_activation_int8, quantize_weight_ternary  # noqa: F401
 from megatron_qsparse.sparsity.topk import topk_sparsify  # noqa: F401
 
-EXPORTED_MODULES = ("megatron_qsparse.sparsity.topk", "megatron_qsparse.sparsity.bitnet",
-                    "megatron_qsparse.sparsity.activations", "megatron_qsparse.layers.norm_fn")
+EXPORTED_MODULES = (
+    "megatron_qsparse.sparsity.topk",
+    "megatron_qsparse.sparsity.bitnet",
+    "megatron_qsparse.sparsity.activations",
+    "megatron_qsparse.layers.norm_fn",
+)

@@ -7,7 +7,7 @@ export TORCHDYNAMO_DISABLE := 1
 export DS_BUILD_OPS := 0
 export DS_ACCELERATOR := cpu
 
-.PHONY: test test-fast install pretrain clean
+.PHONY: test test-fast lint format install pretrain clean
 
 install: $(STAMP)
 
@@ -20,8 +20,18 @@ $(STAMP): setup.py requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# Lint first: a style or import error fails in seconds, not after the suite.
+test: lint
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Rewrites the files: the fix for what `make lint` reports.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"

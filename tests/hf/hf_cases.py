@@ -4,13 +4,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from distributed.equivalence import model_config
+from training.reshard_cases import _full_logits
+
 from megatron_qsparse.model.gpt import build_gpt_model
 from megatron_qsparse.model.init import default_init, initialize_weights
 from megatron_qsparse.parallel.state import ParallelLayout, destroy_model_parallel, initialize_model_parallel
 from megatron_qsparse.training.checkpoint import STATE_FILE
-from training.reshard_cases import _full_logits
 
 TOKENS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(9))
 
@@ -35,8 +35,12 @@ def save_variants(rank, world_size, cases, root: str) -> dict:
             dist.barrier()
             dist_checkpointing.save(model.sharded_state_dict(), str(directory / "model"))
             if rank == 0:
-                state = {"step": 0, "layout": vars(layout), "world_size": world_size,
-                         "config": {"model": dict(cfg.to_dict(), preset="tiny")}}
+                state = {
+                    "step": 0,
+                    "layout": vars(layout),
+                    "world_size": world_size,
+                    "config": {"model": dict(cfg.to_dict(), preset="tiny")},
+                }
                 (directory / STATE_FILE).write_text(json.dumps(state))
             full = _full_logits(model, cfg)
             if full is not None:
@@ -57,8 +61,8 @@ def megatron_loss(rank, world_size, checkpoint: str, tokens: torch.Tensor) -> fl
     """Mean next-token loss of a checkpoint's model on ``tokens`` (one process)."""
     from megatron.core import tensor_parallel
 
-    from megatron_qsparse.training.checkpoint import load_model, read_trainer_state
     from megatron_qsparse.model.config import QSparseConfig
+    from megatron_qsparse.training.checkpoint import load_model, read_trainer_state
 
     model_dict = dict(read_trainer_state(Path(checkpoint))["config"]["model"])
     model_dict.pop("preset")

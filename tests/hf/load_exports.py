@@ -39,10 +39,16 @@ def main(tokens_path, out_path, *exports):
             kernel_refusal = None
         except ImportError as error:
             kernel_refusal = str(error)
-        results[path] = {"logits": logits, "cached": cached, "uncached": uncached, "dense_logits": dense_logits,
-                         "refused_without_remote_code": refused,
-                         "sparse_kernel_refusal": kernel_refusal, "class": type(model).__name__,
-                         "model_type": model.config.model_type}
+        results[path] = {
+            "logits": logits,
+            "cached": cached,
+            "uncached": uncached,
+            "dense_logits": dense_logits,
+            "refused_without_remote_code": refused,
+            "sparse_kernel_refusal": kernel_refusal,
+            "class": type(model).__name__,
+            "model_type": model.config.model_type,
+        }
     torch.save(results, out_path)
 
 

@@ -11,15 +11,20 @@ import sys
 
 import pytest
 import torch
-
 from distributed.launch import run_workers
+
 from hf.hf_cases import TOKENS, export_all, save_variants
 from megatron_qsparse.parallel.state import ParallelLayout as L
 
 pytestmark = pytest.mark.slow
 VARIANTS = ["dense", "qsparse", "block", "bitnet", "moe"]
-LAYOUTS = {"dense": [L(tp=2), L(pp=2)], "qsparse": [L(tp=2), L(pp=2)], "block": [L(tp=2), L(pp=2)],
-           "bitnet": [L(tp=2), L(pp=2)], "moe": [L(tp=2, sp=True), L(pp=2)]}
+LAYOUTS = {
+    "dense": [L(tp=2), L(pp=2)],
+    "qsparse": [L(tp=2), L(pp=2)],
+    "block": [L(tp=2), L(pp=2)],
+    "bitnet": [L(tp=2), L(pp=2)],
+    "moe": [L(tp=2, sp=True), L(pp=2)],
+}
 CASES = [(v, layout) for v in VARIANTS for layout in LAYOUTS[v]]
 
 
@@ -32,10 +37,19 @@ def exported(tmp_path_factory):
     run_workers(1, export_all, pairs)
     torch.save(TOKENS, root / "tokens.pt")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    proc = subprocess.run([sys.executable, str(__import__("pathlib").Path(__file__).with_name("load_exports.py")),
-                           str(root / "tokens.pt"), str(root / "out.pt"), *[o for _, o in pairs]],
-                          cwd=elsewhere, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
-                                                                               "HOME": str(elsewhere)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(__import__("pathlib").Path(__file__).with_name("load_exports.py")),
+            str(root / "tokens.pt"),
+            str(root / "out.pt"),
+            *[o for _, o in pairs],
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(elsewhere)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     loaded = torch.load(root / "out.pt", weights_only=False)
     return {f"{v}-{l}": (reference[f"{v}-{l}"], loaded[o]) for (v, l), (_, o) in zip(CASES, pairs)}

@@ -7,21 +7,34 @@ import json
 
 import pytest
 import torch
-
 from distributed.launch import run_workers
-from hf.hf_cases import megatron_loss
 from training.conftest import metrics, run_training, write_config
+
+from hf.hf_cases import megatron_loss
 
 pytestmark = pytest.mark.slow
 VOCAB = 2048  # the corpus tokenizer's size, so that real text runs through the imported models
 
 
 def make_stock_model(family: str, directory):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+    )
     config, cls = {
         "llama": (LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, **common), LlamaForCausalLM),
         "mistral": (MistralConfig(num_key_value_heads=2, sliding_window=None, **common), MistralForCausalLM),
@@ -41,19 +54,19 @@ def make_stock_model(family: str, directory):
 def text_tokens(corpus):
     from megatron_qsparse.data.tokenizer import load_tokenizer
 
-    ids = load_tokenizer(corpus["tokenizer"]).tokenize(corpus["docs"][0]["text"])[:2 * 33]
+    ids = load_tokenizer(corpus["tokenizer"]).tokenize(corpus["docs"][0]["text"])[: 2 * 33]
     return torch.tensor(ids).reshape(2, 33)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_import_matches_transformers_and_round_trips(family, tmp_path, text_tokens):
-    from megatron_qsparse.hf.convert import export_checkpoint, import_stock, read_safetensors_dir
+    from megatron_qsparse.hf.convert import import_stock, read_safetensors_dir
 
     stock = make_stock_model(family, tmp_path / "stock")
     with torch.no_grad():
         expected = float(stock(text_tokens, labels=text_tokens).loss)
     imported = import_stock(tmp_path / "stock", tmp_path / "imported", log=lambda m: None)
-    ours, = run_workers(1, megatron_loss, str(imported), text_tokens)
+    (ours,) = run_workers(1, megatron_loss, str(imported), text_tokens)
     assert abs(ours - expected) <= 1e-5 * expected, (ours, expected)
 
     run_workers(1, _export_stock, str(imported), str(tmp_path / "back"))
@@ -89,9 +102,12 @@ def test_continue_training_from_import_follows_ramp(corpus, tmp_path):
     imported = import_stock(tmp_path / "stock", tmp_path / "imported", log=lambda m: None)
     model = json.loads((imported / "trainer_state.json").read_text())["config"]["model"]
     model.update(preset="tiny", seq_length=64, sparsity={"default": 0.5, "fc2": 0.8})
-    config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run",
-                          train={"steps": 5, "mode": "continue", "init_from": str(imported),
-                                 "sparsity_ramp_steps": 4})
+    config = write_config(
+        tmp_path / "c.yaml",
+        corpus,
+        tmp_path / "run",
+        train={"steps": 5, "mode": "continue", "init_from": str(imported), "sparsity_ramp_steps": 4},
+    )
     text = config.read_text()
     import yaml
 

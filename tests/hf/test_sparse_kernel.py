@@ -41,9 +41,16 @@ CASES = [(v, d) for v in VARIANTS for d in DTYPES]
 
 
 def tiny_model(variant: str, dtype=torch.float32, seed: int = 0) -> QSparseForCausalLM:
-    config = QSparseHFConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
-                             **VARIANTS[variant])
+    config = QSparseHFConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,
+        **VARIANTS[variant],
+    )
     torch.manual_seed(seed)
     return QSparseForCausalLM(config).to(dtype).eval()
 
@@ -81,10 +88,6 @@ def prefill_and_decode(model, ids) -> torch.Tensor:
     out = model(ids, use_cache=True)
     step = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
     return torch.cat([out.logits, step.logits], dim=1)
-
-
-
-
 
 
 def generate(model, ids, **kwargs) -> torch.Tensor:
@@ -183,8 +186,9 @@ def test_weight_stored_once_input_major_and_saves(kernel_calls, tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=True)
     assert "use_sparse_kernel" not in json.loads((tmp_path / "config.json").read_text())
     again = QSparseForCausalLM.from_pretrained(tmp_path, use_sparse_kernel=True).eval()
-    assert again.config.use_sparse_kernel and all(m.use_sparse_kernel for m in again.modules()
-                                                  if isinstance(m, SiteLinear))
+    assert again.config.use_sparse_kernel and all(
+        m.use_sparse_kernel for m in again.modules() if isinstance(m, SiteLinear)
+    )
     assert relative_error(prefill_and_decode(again, ids), expected) <= TOLERANCE[torch.float32]
 
 
@@ -223,8 +227,13 @@ def test_refuses_without_the_package(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_bench_decode_generate_section():
     """tools/bench_decode.py --generate --quick --json runs and reports what it promises (not how fast)."""
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_decode.py"), "--generate", "--quick",
-                             "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_decode.py"), "--generate", "--quick", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["results"] == [] and report["generate"]["config"]["layers"] == 4

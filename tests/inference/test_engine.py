@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SLICE
-from megatron_qsparse import kernels
 from hf.compare import relative_error, unmasked
+
+from megatron_qsparse import kernels
 from megatron_qsparse.hf.configuration_qsparse import QSparseHFConfig
 from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM, SiteLinear
 from megatron_qsparse.inference.engine import Engine, EngineError, pack_ternary, unpack_ternary
@@ -42,8 +42,7 @@ VARIANTS = {
     "bitnet-dense": dict(bitnet=True),
     "moe": dict(sparsity=SPARSITY, num_experts=4, num_experts_per_tok=2),
     "mha": dict(sparsity=SPARSITY, num_key_value_heads=4),
-    "silu-layernorm-bias": dict(sparsity=SPARSITY, hidden_act="silu", normalization="layernorm",
-                                attention_bias=True),
+    "silu-layernorm-bias": dict(sparsity=SPARSITY, hidden_act="silu", normalization="layernorm", attention_bias=True),
     "tied": dict(sparsity=SPARSITY, tie_word_embeddings=True),
 }
 REPO = Path(__file__).resolve().parents[2]
@@ -51,16 +50,22 @@ TOLERANCE = 1e-5
 WRONG = 0.1
 
 
-
-
 def tiny_model(variant: str, seed: int = 0, **overrides) -> QSparseForCausalLM:
-    settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, initializer_range=0.1, max_position_embeddings=64)
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,
+        max_position_embeddings=64,
+    )
     settings.update(VARIANTS[variant], **overrides)
     torch.manual_seed(seed)
     model = QSparseForCausalLM(QSparseHFConfig(**settings)).eval()
     with torch.no_grad():  # norms and biases away from 1 and 0, so that using them wrongly shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.2)
     return model
@@ -82,8 +87,6 @@ def rounded(model: QSparseForCausalLM, dtype: str) -> QSparseForCausalLM:
             if p.dim() == 2 and not (site and out.config.bitnet):
                 p.copy_(p.bfloat16().float())
     return out
-
-
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +159,18 @@ def trained_export(tmp_path_factory, tokenizer):
     """A Q-Sparse model (50% at every site, ReLU² GLU) trained for 150 steps on the committed corpus slice."""
     docs = [json.loads(line)["text"] for line in SLICE.read_text().splitlines() if line.strip()]
     tokens = torch.tensor([t for doc in docs for t in tokenizer.tokenize(doc) + [tokenizer.eod]])
-    model = tiny_model("qsparse", vocab_size=tokenizer.vocab_size, max_position_embeddings=128,
-                       sparsity={site: 0.5 for site in SPARSITY})
+    model = tiny_model(
+        "qsparse",
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=128,
+        sparsity={site: 0.5 for site in SPARSITY},
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(150):
         starts = torch.randint(0, len(tokens) - 65, (8,), generator=g)
-        batch = torch.stack([tokens[s:s + 65] for s in starts.tolist()])
+        batch = torch.stack([tokens[s : s + 65] for s in starts.tolist()])
         loss = model(batch, labels=batch).loss
         optimizer.zero_grad()
         loss.backward()
@@ -182,8 +189,9 @@ def test_generate_tool_streams_and_reports(trained_export, tokenizer, capsys):
 
     _, directory, _ = trained_export
     text = "In the beginning God created"
-    expected = Engine.from_pretrained(directory, dtype="fp32", threads=1).generate(tokenizer.tokenize(text), 12,
-                                                                                     eos_token_id=tokenizer.eod)
+    expected = Engine.from_pretrained(directory, dtype="fp32", threads=1).generate(
+        tokenizer.tokenize(text), 12, eos_token_id=tokenizer.eod
+    )
     args = ["--model", str(directory), "--prompt", text, "--max-new-tokens", "12", "--dtype", "fp32", "--threads", "1"]
     assert generate.main(args + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -226,7 +234,7 @@ def test_eos_stops_generation(exports):
     _, directory = exports["qsparse"]
     engine = Engine.from_pretrained(directory, dtype="fp32", threads=1)
     tokens = engine.generate(prompt(), 12)
-    assert engine.generate(prompt(), 12, eos_token_id=tokens[3]) == tokens[:tokens.index(tokens[3]) + 1]
+    assert engine.generate(prompt(), 12, eos_token_id=tokens[3]) == tokens[: tokens.index(tokens[3]) + 1]
 
 
 def test_clear_errors(exports, tmp_path, monkeypatch):
@@ -259,9 +267,26 @@ def test_benchmark_tool_reports_json():
     llama-cpp-python installed, its rows come too)."""
     import subprocess
 
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_decode.py"), "--engine", "--quick", "--layers",
-                          "2", "--new-tokens", "8", "--repeats", "1", "--threads", "1", "--json"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_decode.py"),
+            "--engine",
+            "--quick",
+            "--layers",
+            "2",
+            "--new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     engine = [r for r in report["results"] if r["runtime"] == "engine"]

@@ -7,8 +7,9 @@ from megatron_qsparse.model.config import QSparseConfig, SparsityConfig
 IMPORTABLE = ("llama", "mistral", "qwen2")
 
 
-def hf_config_from(cfg: QSparseConfig) -> QSparseHFConfig:
-    return QSparseHFConfig(
+def _llama_fields(cfg: QSparseConfig) -> dict:
+    """The fields our HF config shares with a stock ``LlamaConfig``, under their HF names."""
+    return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_hidden_size,
@@ -16,13 +17,19 @@ def hf_config_from(cfg: QSparseConfig) -> QSparseHFConfig:
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.query_groups,
         head_dim=cfg.head_dim,
-        hidden_act=cfg.activation,
-        normalization=cfg.normalization,
         rms_norm_eps=cfg.norm_epsilon,
         rope_theta=cfg.rotary_base,
         max_position_embeddings=cfg.seq_length,
         attention_bias=cfg.add_qkv_bias,
         tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def hf_config_from(cfg: QSparseConfig) -> QSparseHFConfig:
+    return QSparseHFConfig(
+        **_llama_fields(cfg),
+        hidden_act=cfg.activation,
+        normalization=cfg.normalization,
         sparsity=cfg.sparsity.ratios(),
         block_size=cfg.sparsity.block_size,
         bitnet=cfg.bitnet,
@@ -67,17 +74,4 @@ def stock_config_from(cfg: QSparseConfig):
     """A stock ``LlamaConfig`` of a dense model (the caller refuses sparse, BitNet and MoE models)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.query_groups,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_epsilon,
-        rope_theta=cfg.rotary_base,
-        max_position_embeddings=cfg.seq_length,
-        attention_bias=cfg.add_qkv_bias,
-        tie_word_embeddings=cfg.tie_embeddings,
-    )
+    return LlamaConfig(**_llama_fields(cfg))

@@ -147,3 +147,37 @@ def test_launcher_runs_one_torchrun_per_node_with_a_static_rendezvous(tmp_path):
         assert line.endswith(trainer), line
     assert len(lines) == 4
     assert "training finished" in proc.stdout
+
+
+@pytest.mark.parametrize("exit_code,requeued", [(0, False), (75, True)])
+def test_sweep_array_task_runs_its_grid_point_and_requeues_when_stopped(tmp_path, exit_code, requeued):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "record"
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$RECORD"\n')
+    (bin_dir / "python").write_text(f'#!/bin/bash\necho "python $*" >> "$RECORD"\nexit {exit_code}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "QSPARSE_"))}
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        RECORD=str(record),
+        SLURM_CONF=str(tmp_path / "no-slurm.conf"),
+        SLURM_JOB_ID="901",
+        SLURM_ARRAY_JOB_ID="900",
+        SLURM_ARRAY_TASK_ID="3",
+        SLURM_SUBMIT_DIR=str(REPO),
+        QSPARSE_PYTHON=str(bin_dir / "python"),
+    )
+    proc = subprocess.run(
+        ["bash", str(SLURM / "sweep.sh"), "sweeps/scaling.yaml", "--jobs", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == exit_code, proc.stdout + proc.stderr
+    lines = record.read_text().splitlines()
+    assert lines[0] == f"python {REPO}/tools/sweep.py sweeps/scaling.yaml --jobs 1 --index 3"
+    assert (lines[1:] == ["scontrol requeue 900_3"]) == requeued and len(lines) == 1 + requeued

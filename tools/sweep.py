@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
+
+# megatron-core announces at import that TransformerEngine / apex are absent: expected without a GPU stack.
+warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine|cuda_graph_scope).*")
 
 from megatron_qsparse import atomic  # noqa: E402
 

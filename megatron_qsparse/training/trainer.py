@@ -148,57 +148,68 @@ class Trainer:
         self.preemption = PreemptionFlag()  # first: a signal during start-up must not kill the job unsaved
         self.world_size = dist.get_world_size()
         cfg.validate(self.world_size)
-        self.layout = p = cfg.parallel
+        self.layout = cfg.parallel
         initialize_model_parallel(self.layout, seed=cfg.train.seed)
         init_deepspeed_comm()
         from megatron.core import parallel_state as ps
 
         self.ps = ps
         self.dtype = _dtype(cfg)
-        tc = cfg.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp, params_dtype=self.dtype)
-        self.model = build_gpt_model(cfg.model, tc)
-        if torch.cuda.is_available():
-            self.model.cuda()
-        if p.sp:
-            install_sequence_parallel_grad_hooks(self.model)
-        initialize_weights(self.model, cfg.train.seed, default_init(cfg.train.init_std, cfg.model.num_layers))
-
+        self.model = self._build_model()
         self.resume_from = ckpt.find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
         if self.resume_from is None and cfg.train.init_from:
             source = ckpt.resolve_checkpoint(Path(cfg.train.init_from))
             _check_same_shape(source, cfg)
             console(f"initializing weights from {source}")
             ckpt.load_model(self.model, source)
-
         self.num_microbatches = cfg.num_microbatches(self.world_size)
-        o = cfg.optimizer
-        self.engine = build_engine(
+        self.engine = self._build_engine()
+        self.start_step = 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        self.tokenizer = self._load_tokenizer()
+        self.data = _build_data(cfg, self.tokenizer, self.world_size)
+        self.writer = MetricsWriter(cfg.run_dir, cfg.log.tensorboard, self.start_step)
+        self.summary = summarize(cfg.model)
+
+    # ---- start-up ----------------------------------------------------------------------------------------
+    def _build_model(self):
+        """This rank's model stage under the layout, initialized the same whatever the layout."""
+        cfg, p = self.cfg, self.layout
+        tc = cfg.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp, params_dtype=self.dtype)
+        model = build_gpt_model(cfg.model, tc)
+        if torch.cuda.is_available():
+            model.cuda()
+        if p.sp:
+            install_sequence_parallel_grad_hooks(model)
+        initialize_weights(model, cfg.train.seed, default_init(cfg.train.init_std, cfg.model.num_layers))
+        return model
+
+    def _build_engine(self):
+        o = self.cfg.optimizer
+        return build_engine(
             self.model,
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
             weight_decay=o.weight_decay,
             clip_grad=o.clip_grad,
-            zero_stage=cfg.zero_stage,
-            micro_batch_size=cfg.batch.micro_batch_size,
+            zero_stage=self.cfg.zero_stage,
+            micro_batch_size=self.cfg.batch.micro_batch_size,
             num_microbatches=self.num_microbatches,
             bf16=self.dtype == torch.bfloat16,
         )
-        self.start_step = 0
-        if self.resume_from is not None:
-            self._resume(self.resume_from)
 
+    def _load_tokenizer(self):
         from megatron_qsparse.data.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        if tokenizer.vocab_size > self.cfg.model.vocab_size:
             raise ValueError(
-                f"data.tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
-                f"{cfg.model.vocab_size}: raise model.vocab_size"
+                f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{self.cfg.model.vocab_size}: raise model.vocab_size"
             )
-        self.data = _build_data(cfg, self.tokenizer, self.world_size)
-        self.writer = MetricsWriter(cfg.run_dir, cfg.log.tensorboard, self.start_step)
-        self.summary = summarize(cfg.model)
+        return tokenizer
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:

@@ -22,6 +22,8 @@ from typing import List, Optional
 
 import torch
 
+from megatron_qsparse import atomic
+
 HERE = Path(__file__).parent
 SOURCES = ("qsparse_cpu.cpp", "engine.cpp")  # compiled into one library
 HEADERS = ("rows.h", "select.h", "ternary.h")  # included by the sources
@@ -45,9 +47,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     """Rewrite the build's copy of the source only when it differs: the build cache is keyed on mtimes."""
     if path.exists() and path.read_text() == text:
         return
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_qsparse import atomic
 from megatron_qsparse.layers.site import SITES, site_transforms
 
 
@@ -117,9 +118,7 @@ class MetricsWriter:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= start_step
         ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

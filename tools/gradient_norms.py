@@ -8,11 +8,14 @@ gradients; masking the gradient too makes them vanish).
 Each checkpoint is loaded in one process, put in training mode with its own sparsity and STE settings, and one
 gradient is accumulated over ``--batches`` batches of consecutive held-out tokens (the same tokens for every
 checkpoint); nothing is updated. The fused megatron-core weights are split as the Hugging Face export splits them
-(q/k/v of the grouped QKV, gate/up of the GLU), so the norms are per projection.
+(q/k/v of the grouped QKV, gate/up of the GLU), so the norms are per projection. ``--ste off`` / ``--ste on``
+take the gradient of the same weights with the estimator switched (off: the top-K mask also gates the gradient
+passed to the layer below), which isolates the estimator's effect from what training made of the weights.
 """
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -55,7 +58,7 @@ def token_batches(prefix: str, batches: int, batch_size: int, seq_length: int):
     return tokens.view(batches, batch_size, seq_length + 1)
 
 
-def projection_norms(checkpoint: Path, data: str, batches: int, batch_size: int) -> dict:
+def projection_norms(checkpoint: Path, data: str, batches: int, batch_size: int, ste: str = "checkpoint") -> dict:
     from megatron_qsparse.hf.weights import hf_to_stock, megatron_to_hf
     from megatron_qsparse.model.checkpoint import load_model, read_model_config, read_trainer_state, resolve_checkpoint
     from megatron_qsparse.model.gpt import build_gpt_model
@@ -64,6 +67,8 @@ def projection_norms(checkpoint: Path, data: str, batches: int, batch_size: int)
 
     path = resolve_checkpoint(checkpoint)
     cfg = read_model_config(path)
+    if ste != "checkpoint":
+        cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, ste=ste == "on"))
     windows = token_batches(data, batches, batch_size, cfg.seq_length)
     with single_process_model_parallel():
         model = build_gpt_model(cfg, cfg.to_transformer_config())
@@ -119,6 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("--label", action="append", help="a name per checkpoint (default: the directory names)")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--ste", choices=("checkpoint", "on", "off"), default="checkpoint", help="the estimator (default: as trained)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--csv", type=Path, help="write label, step, layer, projection, grad_norm rows there")
     parser.add_argument("--plot", type=Path, help="write a PNG: one panel per projection, norm vs layer")
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
         print(f"error: {len(labels)} --label for {len(args.checkpoints)} checkpoints", file=sys.stderr)
         return 2
     try:
-        results = [projection_norms(c, args.data, args.batches, args.batch_size) for c in args.checkpoints]
+        results = [projection_norms(c, args.data, args.batches, args.batch_size, args.ste) for c in args.checkpoints]
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

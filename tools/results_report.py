@@ -23,8 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 REPORT = RESULTS / "README.md"
-SWEEPS = ("scaling", "bitnet", "variants", "continue")
+SWEEPS = ("scaling", "scaling-seed2", "bitnet", "variants", "continue")
+SCALING = ("scaling.csv", "scaling-seed2.csv")  # the grid, once per seed
 STE_RUNS = ("dense", "topk50-ste", "topk50-no-ste")
+STE_STEPS = ("step_0000020", "step_0000100")  # early in training, and at its end
 HELDOUT = "data/corpus_heldout_text_document"
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- end -->)", re.S)
 
@@ -48,34 +50,50 @@ def size_order(rows):
     return sorted({r["axis:size"] for r in rows}, key=lambda s: int(s[1:]))
 
 
+def scaling_rows() -> list:
+    """The scaling grid's rows of every seed that has run."""
+    return [row for name in SCALING if (RESULTS / name).exists() for row in read_csv(name)]
+
+
+def seed_losses(rows) -> dict:
+    """(size, sparsity) -> held-out losses over the seeds."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["axis:size"], r["axis:model.sparsity.default"]), []).append(float(r["loss"]))
+    return out
+
+
+def mean_and_spread(losses) -> str:
+    mean = statistics.mean(losses)
+    return f"{mean:.4f} ± {(max(losses) - min(losses)) / 2:.4f}" if len(losses) > 1 else f"{mean:.4f}"
+
+
 def scaling_table() -> str:
-    rows = read_csv("scaling.csv")
+    rows = scaling_rows()
     sparsities = sorted({r["axis:model.sparsity.default"] for r in rows}, key=float)
-    cells = by(rows, "axis:size", "axis:model.sparsity.default")
+    losses = seed_losses(rows)
     body = []
     for size in size_order(rows):
         any_row = next(r for r in rows if r["axis:size"] == size)
         line = [size, f"{int(any_row['N']) / 1e6:.2f}M"]
-        line += [f"{float(cells[(size, s)]['loss']):.4f}" if (size, s) in cells else "–" for s in sparsities]
+        line += [mean_and_spread(losses[(size, s)]) if (size, s) in losses else "–" for s in sparsities]
         body.append(line)
-    return table(["size", "N"] + [f"S = {s}" for s in sparsities], body)
+    seeds = len({r["seed"] for r in rows})
+    return table(["size", "N"] + [f"S = {s}" for s in sparsities], body) + f"\n(mean ± half range over {seeds} seeds)\n"
 
 
 def gap_table() -> str:
-    rows = read_csv("scaling.csv")
-    cells = by(rows, "axis:size", "axis:model.sparsity.default")
+    rows = scaling_rows()
+    losses = {key: statistics.mean(v) for key, v in seed_losses(rows).items()}
     body = []
     for size in size_order(rows):
-        dense = float(cells[(size, "0.0")]["loss"])
+        dense = losses[(size, "0.0")]
         line = [size, f"{dense:.4f}"]
-        for s in ("0.4", "0.5", "0.6"):
-            if (size, s) in cells:
-                loss = float(cells[(size, s)]["loss"])
-                line.append(f"{loss - dense:+.4f} ({(loss - dense) / dense:+.2%})")
-            else:
-                line.append("–")
+        for s in ("0.4", "0.5", "0.6", "0.8"):
+            gap = losses[(size, s)] - dense if (size, s) in losses else None
+            line.append("–" if gap is None else f"{gap:+.4f} ({gap / dense:+.2%})")
         body.append(line)
-    return table(["size", "dense loss", "40% − dense", "50% − dense", "60% − dense"], body)
+    return table(["size", "dense loss", "40% − dense", "50% − dense", "60% − dense", "80% − dense"], body)
 
 
 def variants_table() -> str:
@@ -123,9 +141,9 @@ def ste_table() -> str:
     layers = max(int(r["layer"]) for r in rows)
     projections = list(dict.fromkeys(r["projection"] for r in rows))
     body = []
-    for label in dict.fromkeys(r["label"] for r in rows):
-        mine = [r for r in rows if r["label"] == label]
-        line = [label, mine[0]["step"]]
+    for label, step in dict.fromkeys((r["label"], r["step"]) for r in rows):
+        mine = [r for r in rows if (r["label"], r["step"]) == (label, step)]
+        line = [label, step]
         for p in projections:
             norms = {int(r["layer"]): float(r["grad_norm"]) for r in mine if r["projection"] == p}
             bottom = statistics.mean(norms[i] for i in (1, 2, 3))
@@ -177,6 +195,56 @@ def tool(*args) -> subprocess.CompletedProcess:
     return proc
 
 
+def measure_ste() -> None:
+    """Each STE-study model with the estimator it was trained with, and the STE-trained weights with the
+    gradient taken without it (the estimator's effect alone), early (step 20) and at the end (step 100)."""
+    root = REPO / "runs" / "sweeps" / "ste"
+    parts = []
+    for name, runs, ste in (("as trained", STE_RUNS, "checkpoint"), ("no-STE gradient", ("topk50-ste",), "off")):
+        checkpoints = [str(root / f"variant={v}" / "checkpoints" / s) for s in STE_STEPS for v in runs]
+        labels = [
+            a
+            for _ in STE_STEPS
+            for v in runs
+            for a in ("--label", v if ste == "checkpoint" else f"{v} weights, {name}")
+        ]
+        out = RESULTS / f".ste-{ste}.csv"
+        tool("tools/gradient_norms.py", *checkpoints, *labels, "--ste", ste, "--data", HELDOUT, "--csv", str(out))
+        lines = out.read_text().splitlines()
+        parts += lines if not parts else lines[1:]
+        out.unlink()
+    (RESULTS / "ste_gradients.csv").write_text("\n".join(parts) + "\n")
+    plot_ste(read_csv("ste_gradients.csv"), RESULTS / "ste_gradients.png")
+
+
+def plot_ste(rows, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    projections = list(dict.fromkeys(r["projection"] for r in rows))
+    early = [r for r in rows if r["step"] == "20"]
+    fig, grid = plt.subplots(2, 4, figsize=(12, 6), sharey=True)
+    axes = grid.flatten()
+    axes[-1].axis("off")
+    for ax, p in zip(axes, projections):
+        for label in dict.fromkeys(r["label"] for r in early):
+            mine = sorted(
+                (int(r["layer"]), float(r["grad_norm"])) for r in early if r["label"] == label and r["projection"] == p
+            )
+            ax.plot(*zip(*mine), marker="o", ms=3, lw=1, label=label)
+        ax.set_title(p)
+        ax.set_xlabel("layer")
+        ax.set_yscale("log")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("gradient L2 norm (step 20)")
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def collect() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for sweep in SWEEPS:
@@ -186,28 +254,20 @@ def collect() -> None:
             print(f"copied {source}")
     fit = "tools/fit_scaling_law.py"
     (RESULTS / "fit_paper.json").write_text(tool(fit, "--paper", "--json").stdout)
+    combined = [
+        line
+        for i, name in enumerate(SCALING)
+        if (RESULTS / name).exists()
+        for line in (RESULTS / name).read_text().splitlines()[(1 if i else 0) :]
+    ]
+    (RESULTS / "scaling_all.csv").write_text("\n".join(combined) + "\n")  # every seed: what the fit reads
     (RESULTS / "fit_fp.json").write_text(
-        tool(fit, str(RESULTS / "scaling.csv"), "--json", "--plot", str(RESULTS / "scaling_fp")).stdout
+        tool(fit, str(RESULTS / "scaling_all.csv"), "--json", "--plot", str(RESULTS / "scaling_fp")).stdout
     )
     if (RESULTS / "bitnet.csv").exists():
         out = tool(fit, str(RESULTS / "bitnet.csv"), "--bitnet", "--json", "--plot", str(RESULTS / "scaling_bitnet"))
         (RESULTS / "fit_bitnet.json").write_text(out.stdout)
-    steps = ("step_0000020", "step_0000100")  # early in training, and at its end
-    checkpoints = [
-        str(REPO / "runs" / "sweeps" / "ste" / f"variant={v}" / "checkpoints" / s) for s in steps for v in STE_RUNS
-    ]
-    labels = [a for s in steps for v in STE_RUNS for a in ("--label", v)]
-    tool(
-        "tools/gradient_norms.py",
-        *checkpoints,
-        *labels,
-        "--data",
-        HELDOUT,
-        "--csv",
-        str(RESULTS / "ste_gradients.csv"),
-        "--plot",
-        str(RESULTS / "ste_gradients.png"),
-    )
+    measure_ste()
     print(f"wrote the fits, gradients and plots into {RESULTS}")
 
 

@@ -104,12 +104,14 @@ def print_fit(report: dict, title: str) -> None:
 
 def plot(law: Law, N, S, loss, s_star: float, directory: Path) -> list:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
+    S = np.round(S, 6)  # 1 - N_a/N carries float noise (0.6000000000000001): one curve per configured S
     sparsities = sorted(set(S.tolist()))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(sparsities)))
     grid_N = np.geomspace(N.min() / 1.5, N.max() * 1.5, 100)
@@ -123,6 +125,7 @@ def plot(law: Law, N, S, loss, s_star: float, directory: Path) -> list:
             ax.scatter(xs[keep], loss[keep], color=color, s=18, label=f"S = {s:.2f}")
             ax.plot(*curve(s), color=color, lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("N (block linear parameters)" if name == "loss_vs_N.png" else "N_a (activated parameters)")
         ax.set_ylabel("held-out loss")
         ax.legend(fontsize=7)

@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine|cuda_graph_scope).*")
+from megatron_qsparse.parallel.cpu_compat import silence_gpu_stack_notices  # noqa: E402
+
+silence_gpu_stack_notices()
 
 PROJECTIONS = {
     "q": "self_attn.q_proj",
@@ -95,22 +96,26 @@ def projection_norms(checkpoint: Path, data: str, batches: int, batch_size: int,
     }
 
 
-def plot(results, labels, out: Path) -> None:
+def plot(series: dict, out: Path, ylabel: str = "gradient L2 norm") -> None:
+    """One panel per projection, the norm against the layer (bottom first); ``series``: label -> the
+    ``grad_norm`` mapping (projection -> norms per layer) of one measurement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PROJECTIONS), figsize=(3 * len(PROJECTIONS), 3.2), sharey=True)
+    fig, grid = plt.subplots(2, 4, figsize=(12, 6), sharey=True)
+    axes = grid.flatten()
+    axes[-1].axis("off")
     for ax, short in zip(axes, PROJECTIONS):
-        for result, label in zip(results, labels):
-            norms = result["grad_norm"][short]
-            ax.plot(range(1, len(norms) + 1), norms, marker="o", ms=3, lw=1, label=label)
+        for label, norms in series.items():
+            ax.plot(range(1, len(norms[short]) + 1), norms[short], marker="o", ms=3, lw=1, label=label)
         ax.set_title(short)
         ax.set_xlabel("layer")
         ax.set_yscale("log")
-    axes[0].set_ylabel("gradient L2 norm")
-    axes[-1].legend(fontsize=7)
+    for ax in grid[:, 0]:
+        ax.set_ylabel(ylabel)
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
         writer.writerows(rows)
         atomic.write_text(args.csv, text.getvalue())
     if args.plot:
-        plot(results, labels, args.plot)
+        plot({label: r["grad_norm"] for label, r in zip(labels, results)}, args.plot)
     if args.json:
         print(json.dumps([dict(r, label=label) for label, r in zip(labels, results)], indent=1))
         return 0

@@ -41,7 +41,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +51,9 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-# megatron-core announces at import that TransformerEngine / apex are absent: expected without a GPU stack.
-warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine|cuda_graph_scope).*")
+from megatron_qsparse.parallel.cpu_compat import silence_gpu_stack_notices  # noqa: E402
+
+silence_gpu_stack_notices()
 
 from megatron_qsparse import atomic  # noqa: E402
 
@@ -168,11 +168,10 @@ def command(sweep: Sweep, overrides: List[str]) -> List[str]:
     )
 
 
-def result_of(sweep: Sweep, run: Run, wall_s: float) -> dict:
+def result_of(sweep: Sweep, run: Run, cfg, wall_s: float) -> dict:
     """The run's row, from its config and the metrics.jsonl its trainer wrote."""
     from megatron_qsparse.model.summary import summarize
 
-    _, cfg = run_config(sweep, run)
     directory = run.directory(sweep.output)
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
     trained = [r for r in records if not r.get("skipped")]
@@ -236,7 +235,7 @@ class Runner:
         sweep, total = self.sweep, len(self.sweep.runs)
         directory = run.directory(sweep.output)
         directory.mkdir(parents=True, exist_ok=True)
-        overrides, _ = run_config(sweep, run)
+        overrides, cfg = run_config(sweep, run)
         env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // self.jobs)))
         start = time.time()
         print(f"[{position}/{total}] {run.name}: started (log {directory / 'train.log'})", flush=True)
@@ -257,7 +256,7 @@ class Runner:
             if code != EXIT_STOPPED:
                 self.failed.append(run.name)
             return
-        result = result_of(sweep, run, wall)
+        result = result_of(sweep, run, cfg, wall)
         atomic.write_json(directory / "result.json", result)
         with self.lock:
             write_results(sweep)

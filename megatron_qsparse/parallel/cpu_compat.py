@@ -14,6 +14,17 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 PATCHES: List[str] = []
+GPU_STACK_NOTICES = ".*(Apex|apex|Transformer Engine|TransformerEngine|cuda_graph_scope).*"
+
+
+def silence_gpu_stack_notices() -> None:
+    """megatron-core warns at import that TransformerEngine / apex are absent (and about a CUDA-graph option we do
+    not use): expected without a GPU stack, so entry points that import it hide exactly these."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=GPU_STACK_NOTICES)
+
+
 _MODE = None
 
 

@@ -59,11 +59,9 @@ def main(argv=None) -> int:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
 
-    import warnings
-
-    # megatron-core announces at import that TransformerEngine / apex are absent: expected without a GPU stack.
-    warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
     from megatron_qsparse.parallel import cpu_compat
+
+    cpu_compat.silence_gpu_stack_notices()
     from megatron_qsparse.training.trainer import Trainer, TrainingStopped
 
     cpu_compat.apply()

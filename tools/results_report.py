@@ -218,31 +218,13 @@ def measure_ste() -> None:
 
 
 def plot_ste(rows, out: Path) -> None:
-    import matplotlib
+    """gradient_norms.py's plot of the step-20 measurements, from the merged CSV."""
+    from gradient_norms import plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    projections = list(dict.fromkeys(r["projection"] for r in rows))
-    early = [r for r in rows if r["step"] == "20"]
-    fig, grid = plt.subplots(2, 4, figsize=(12, 6), sharey=True)
-    axes = grid.flatten()
-    axes[-1].axis("off")
-    for ax, p in zip(axes, projections):
-        for label in dict.fromkeys(r["label"] for r in early):
-            mine = sorted(
-                (int(r["layer"]), float(r["grad_norm"])) for r in early if r["label"] == label and r["projection"] == p
-            )
-            ax.plot(*zip(*mine), marker="o", ms=3, lw=1, label=label)
-        ax.set_title(p)
-        ax.set_xlabel("layer")
-        ax.set_yscale("log")
-    for ax in grid[:, 0]:
-        ax.set_ylabel("gradient L2 norm (step 20)")
-    axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    series = {}
+    for r in sorted((r for r in rows if r["step"] == "20"), key=lambda r: int(r["layer"])):
+        series.setdefault(r["label"], {}).setdefault(r["projection"], []).append(float(r["grad_norm"]))
+    plot(series, out, ylabel="gradient L2 norm (step 20)")
 
 
 def collect() -> None:

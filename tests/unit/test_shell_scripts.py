@@ -87,36 +87,46 @@ def test_launcher_refuses_to_run_outside_slurm():
     assert proc.returncode == 2 and "not inside a Slurm job" in proc.stderr
 
 
-def test_launcher_runs_one_torchrun_per_node_with_a_static_rendezvous(tmp_path):
-    """srun and scontrol are stand-ins: srun runs each per-node command line as node 0 and node 1 would, with the
-    interpreter replaced by one that records its arguments."""
+def stand_ins(tmp_path, tools: dict, **slurm) -> dict:
+    """Executable stand-ins (name -> bash body) first on PATH, each able to append to $RECORD; the environment of
+    a job without the caller's SLURM_/QSPARSE_ variables, plus ``slurm``. No Slurm is contacted."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    record = tmp_path / "record"
-    (bin_dir / "scontrol").write_text(
-        '#!/bin/bash\necho "scontrol $*" >> "$RECORD"\n'
-        '[[ "$1 $2" == "show hostnames" ]] && printf "gpu17\\ngpu18\\n"\nexit 0\n'
-    )
-    (bin_dir / "srun").write_text(
-        '#!/bin/bash\necho "srun $*" >> "$RECORD"\n'
-        'while [[ "$1" == --* ]]; do shift; done\n'
-        'for n in 0 1; do SLURM_NODEID=$n "$@" || exit $?; done\n'
-    )
-    (bin_dir / "python").write_text('#!/bin/bash\necho "python $*" >> "$RECORD"\n')
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
+    for name, body in tools.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "QSPARSE_"))}
     env.update(
         PATH=f"{bin_dir}:{env['PATH']}",
-        RECORD=str(record),
+        RECORD=str(tmp_path / "record"),
         SLURM_CONF=str(tmp_path / "no-slurm.conf"),
+        SLURM_SUBMIT_DIR=str(REPO),
+        QSPARSE_PYTHON=str(bin_dir / "python"),
+        **slurm,
+    )
+    return env
+
+
+def test_launcher_runs_one_torchrun_per_node_with_a_static_rendezvous(tmp_path):
+    """srun and scontrol are stand-ins: srun runs each per-node command line as node 0 and node 1 would, with the
+    interpreter replaced by one that records its arguments."""
+    record = tmp_path / "record"
+    tools = {
+        "scontrol": 'echo "scontrol $*" >> "$RECORD"\n'
+        '[[ "$1 $2" == "show hostnames" ]] && printf "gpu17\\ngpu18\\n"\nexit 0\n',
+        "srun": 'echo "srun $*" >> "$RECORD"\n'
+        'while [[ "$1" == --* ]]; do shift; done\n'
+        'for n in 0 1; do SLURM_NODEID=$n "$@" || exit $?; done\n',
+        "python": 'echo "python $*" >> "$RECORD"\n',
+    }
+    env = stand_ins(
+        tmp_path,
+        tools,
         SLURM_JOB_ID="4242",
         SLURM_JOB_NODELIST="gpu[17-18]",
         SLURM_JOB_NUM_NODES="2",
-        SLURM_SUBMIT_DIR=str(REPO),
         SLURM_CPUS_ON_NODE="64",
         SLURM_GPUS_ON_NODE="8",
-        QSPARSE_PYTHON=str(bin_dir / "python"),
         QSPARSE_RUN_DIR="/scratch/run",
         QSPARSE_SET="model.preset=tiny  train.steps=20\nparallel.tp=2",
     )
@@ -151,24 +161,12 @@ def test_launcher_runs_one_torchrun_per_node_with_a_static_rendezvous(tmp_path):
 
 @pytest.mark.parametrize("exit_code,requeued", [(0, False), (75, True)])
 def test_sweep_array_task_runs_its_grid_point_and_requeues_when_stopped(tmp_path, exit_code, requeued):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     record = tmp_path / "record"
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$RECORD"\n')
-    (bin_dir / "python").write_text(f'#!/bin/bash\necho "python $*" >> "$RECORD"\nexit {exit_code}\n')
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "QSPARSE_"))}
-    env.update(
-        PATH=f"{bin_dir}:{env['PATH']}",
-        RECORD=str(record),
-        SLURM_CONF=str(tmp_path / "no-slurm.conf"),
-        SLURM_JOB_ID="901",
-        SLURM_ARRAY_JOB_ID="900",
-        SLURM_ARRAY_TASK_ID="3",
-        SLURM_SUBMIT_DIR=str(REPO),
-        QSPARSE_PYTHON=str(bin_dir / "python"),
-    )
+    tools = {
+        "scontrol": 'echo "scontrol $*" >> "$RECORD"\n',
+        "python": f'echo "python $*" >> "$RECORD"\nexit {exit_code}\n',
+    }
+    env = stand_ins(tmp_path, tools, SLURM_JOB_ID="901", SLURM_ARRAY_JOB_ID="900", SLURM_ARRAY_TASK_ID="3")
     proc = subprocess.run(
         ["bash", str(SLURM / "sweep.sh"), "sweeps/scaling.yaml", "--jobs", "1"],
         cwd=tmp_path,

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from hf.compare import relative_error
+from hf.compare import TINY_SHAPE, relative_error
 from megatron_qsparse.hf.configuration_qsparse import QSparseHFConfig
 from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM
 
@@ -17,16 +17,7 @@ SPARSITY = {"qkv": 0.5, "proj": 0.5, "fc1": 0.5, "fc2": 0.8}
 
 def pair(kv_heads: int):
     """The same random model under "sdpa" and under "eager"."""
-    config = QSparseHFConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        initializer_range=0.1,
-        sparsity=SPARSITY,
-    )
+    config = QSparseHFConfig(**dict(TINY_SHAPE, num_key_value_heads=kv_heads), sparsity=SPARSITY)
     torch.manual_seed(0)
     sdpa = QSparseForCausalLM(config).eval()
     eager = copy.deepcopy(sdpa)

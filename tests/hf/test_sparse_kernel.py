@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import megatron_qsparse.inference as inference
-from hf.compare import relative_error, unmasked
+from hf.compare import TINY_SHAPE, relative_error, unmasked
 from megatron_qsparse.hf.configuration_qsparse import QSparseHFConfig
 from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM, SiteLinear, linear
 from megatron_qsparse.inference.gather_kernel import MAX_KERNEL_BATCH
@@ -41,16 +41,7 @@ CASES = [(v, d) for v in VARIANTS for d in DTYPES]
 
 
 def tiny_model(variant: str, dtype=torch.float32, seed: int = 0) -> QSparseForCausalLM:
-    config = QSparseHFConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.1,
-        **VARIANTS[variant],
-    )
+    config = QSparseHFConfig(**TINY_SHAPE, **VARIANTS[variant])
     torch.manual_seed(seed)
     return QSparseForCausalLM(config).to(dtype).eval()
 

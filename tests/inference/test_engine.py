@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SLICE
-from hf.compare import relative_error, unmasked
+from hf.compare import TINY_SHAPE, relative_error, unmasked
 
 from megatron_qsparse import kernels
 from megatron_qsparse.hf.configuration_qsparse import QSparseHFConfig
@@ -51,16 +51,7 @@ WRONG = 0.1
 
 
 def tiny_model(variant: str, seed: int = 0, **overrides) -> QSparseForCausalLM:
-    settings = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.1,
-        max_position_embeddings=64,
-    )
+    settings = dict(TINY_SHAPE, max_position_embeddings=64)
     settings.update(VARIANTS[variant], **overrides)
     torch.manual_seed(seed)
     model = QSparseForCausalLM(QSparseHFConfig(**settings)).eval()

@@ -11,6 +11,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from megatron_qsparse.config_types import ConfigError, build
 from megatron_qsparse.layers.site import SITES, SiteConfig
 from megatron_qsparse.parallel.layout import ParallelLayout
 from megatron_qsparse.sparsity.activations import activation_by_name
@@ -66,7 +67,7 @@ class QSparseConfig:
 
     def __post_init__(self):
         if isinstance(self.sparsity, dict):
-            self.sparsity = SparsityConfig(**self.sparsity)
+            self.sparsity = build(SparsityConfig, self.sparsity, "model.sparsity")
         self.validate()
 
     # ---- derived shape -------------------------------------------------------------------------------
@@ -111,34 +112,60 @@ class QSparseConfig:
 
     # ---- checks ------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        def need(ok: bool, message: str):
+        """Ranges and shapes, each error naming the ``model.<key>`` to fix (values are typed by ``from_dict``)."""
+
+        def need(ok: bool, key: str, message: str):
             if not ok:
-                raise ValueError(f"model config: {message}")
+                raise ConfigError(f"model.{key}: {message}")
 
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("vocab_divisible_by", "seq_length", "num_query_groups", "kv_channels", "moe_ffn_hidden_size"):
+            value = getattr(self, name)  # a divisor or a size: 0 would divide by zero or build empty tensors
+            need(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        for name in ("norm_epsilon", "rotary_base", "init_method_std"):
+            need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        need(self.moe_aux_loss_coeff >= 0, "moe_aux_loss_coeff", f"must be >= 0, got {self.moe_aux_loss_coeff}")
         need(
             self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
-            f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            "hidden_size",
+            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
             " (or set kv_channels)",
         )
         need(
             self.num_attention_heads % self.query_groups == 0,
+            "num_query_groups",
             f"num_attention_heads={self.num_attention_heads} is not divisible by num_query_groups={self.query_groups}",
         )
-        activation_by_name(self.activation)
+        try:
+            activation_by_name(self.activation)
+        except ValueError as err:
+            raise ConfigError(f"model.activation: {err}") from None
         need(
             self.normalization in NORMALIZATIONS,
-            f"normalization={self.normalization!r} must be one of {sorted(NORMALIZATIONS)}",
+            "normalization",
+            f"{self.normalization!r} must be one of {sorted(NORMALIZATIONS)}",
         )
-        for site in SITES:
-            check_sparsity(self.sparsity.ratio(site), f"model config: sparsity.{site}")
+        # Check the ratios the user wrote (default, then each override), not the per-site values derived from them.
+        for name in ("default",) + SITES:
+            value = getattr(self.sparsity, name)
+            try:
+                if value is not None:
+                    check_sparsity(value, f"model.sparsity.{name}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.sparsity.block_size is not None:
             b = self.sparsity.block_size
-            need(b > 0, f"sparsity.block_size must be positive, got {b}")
+            need(b > 0, "sparsity.block_size", f"must be positive, got {b}")
         if self.num_experts is not None:
             need(
-                self.num_experts > 0 and 0 < self.moe_router_topk <= self.num_experts,
+                self.num_experts > 0,
+                "num_experts",
+                f"must be positive (or null for a dense model), got {self.num_experts}",
+            )
+            need(
+                0 < self.moe_router_topk <= self.num_experts,
+                "moe_router_topk",
                 f"moe_router_topk={self.moe_router_topk} must lie in [1, num_experts={self.num_experts}]",
             )
 
@@ -270,12 +297,10 @@ class QSparseConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QSparseConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"model config: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**copy.deepcopy(data))
+    def from_dict(cls, data: dict, where: str = "model") -> "QSparseConfig":
+        """From plain data (YAML, ``--set``, a checkpoint): values converted to the field types, then validated;
+        errors name ``<where>.<key>``."""
+        return build(cls, copy.deepcopy(data), where)
 
 
 def _paper(num_layers, hidden, ffn, heads) -> QSparseConfig:
@@ -344,10 +369,14 @@ PRESETS = {
 
 
 def parse_value(text: str):
-    """YAML-style scalars for ``--set``: ints, floats, booleans, null, else the string."""
+    """A ``--set`` value read as YAML, like the config file (lists too); ``from_dict`` and the training config then
+    convert it to the field's type (``megatron_qsparse.config_types``)."""
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:  # e.g. an unbalanced "[": the text itself, refused later unless the field is a string
+        return text
 
 
 def apply_overrides(data: dict, assignments: Iterable[str]) -> dict:

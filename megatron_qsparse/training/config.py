@@ -4,6 +4,10 @@ Sections: ``model`` (a preset name plus any ``QSparseConfig`` field), ``parallel
 ``optimizer``, ``schedule``, ``train``, ``checkpoint``, ``log``. Every check that can be made without processes
 (ratios, divisibility by TP/PP/EP, batch arithmetic against the world size, block size against the TP shard,
 files that must exist) runs in ``validate`` before any process group starts, and names the key to fix.
+
+Values, from the file and from ``--set`` alike, are converted to the types of the dataclass fields below
+(``megatron_qsparse.config_types``: ``lr: 3e-3``, which YAML 1.1 reads as a string, becomes a float; ``steps: abc``
+is refused naming ``train.steps``), and ``RANGES`` holds the bounds a value must respect to not fail later.
 """
 
 import copy
@@ -14,12 +18,9 @@ from typing import Iterable, List, Optional
 
 import yaml
 
+from megatron_qsparse.config_types import ConfigError, build, coerce
 from megatron_qsparse.model.config import PRESETS, QSparseConfig, apply_overrides
 from megatron_qsparse.parallel.layout import ParallelLayout
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any process starts."""
 
 
 @dataclass
@@ -79,8 +80,9 @@ class TrainSection:
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <run_dir>/checkpoints
     interval: int = 0  # 0: only at the end and on a signal
-    keep: int = 2  # complete checkpoints kept (older ones removed)
+    keep: int = 2  # complete checkpoints kept (older ones removed); 0: keep every one
     resume: bool = True  # continue from <dir>/latest when present
+    verify: bool = True  # verify the checksums of the checkpoint resumed from; false checks sizes only
 
 
 @dataclass
@@ -90,6 +92,48 @@ class LogConfig:
     eval_interval: int = 0  # 0: evaluate only at the end
     eval_iters: int = 4
     tensorboard: bool = True
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f"must be >= {low}"
+
+
+def _above(low):
+    return (lambda v: v > low), f"must be > {low}"
+
+
+def _within(low, high):  # [low, high)
+    return (lambda v: low <= v < high), f"must lie in [{low}, {high})"
+
+
+# key -> (test, rule): values outside these bounds pass the types but break a later step (a division by zero, an
+# empty batch, Adam with a string or a negative rate, an RNG that refuses the seed). None ("use the default") passes.
+RANGES = {
+    "batch.micro_batch_size": _at_least(1),
+    "batch.global_batch_size": _at_least(1),
+    "optimizer.lr": _above(0),
+    "optimizer.min_lr": _at_least(0),
+    "optimizer.beta1": _within(0, 1),
+    "optimizer.beta2": _within(0, 1),
+    "optimizer.eps": _above(0),
+    "optimizer.weight_decay": _at_least(0),
+    "optimizer.clip_grad": _at_least(0),  # 0: no clipping
+    "schedule.warmup_steps": _at_least(0),
+    "schedule.decay_steps": _at_least(1),
+    "schedule.power": _above(0),
+    "schedule.stage2_lr": _above(0),
+    "schedule.stage2_weight_decay": _at_least(0),
+    "train.steps": _at_least(1),
+    "train.seed": _within(0, 2**32),  # numpy's RandomState (dataset shuffling) takes 32-bit seeds
+    "train.sparsity_ramp_steps": _at_least(0),
+    "train.max_nonfinite_steps": _at_least(1),
+    "train.init_std": _above(0),
+    "checkpoint.interval": _at_least(0),
+    "checkpoint.keep": _at_least(0),
+    "log.interval": _at_least(1),
+    "log.eval_interval": _at_least(0),
+    "log.eval_iters": _at_least(1),
+}
 
 
 SECTIONS = {
@@ -147,13 +191,16 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{self.source}: {key}: {message}")
 
+        for key, (test, rule) in RANGES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            need(value is None or test(value), key, rule)
         p, b = self.parallel, self.batch
         try:  # the layout's own checks, then what the model's shapes admit under it
             dp = p.data_parallel_size(world_size)
             self.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp)
         except ValueError as err:
             raise ConfigError(f"{self.source}: {err}") from None
-        need(b.micro_batch_size >= 1, "batch.micro_batch_size", "must be >= 1")
         need(
             b.global_batch_size % (b.micro_batch_size * dp) == 0,
             "batch.global_batch_size",
@@ -179,7 +226,6 @@ class TrainConfig:
         )
         need(0.0 < s.stage2_at < 1.0, "schedule.stage2_at", "must lie in (0, 1)")
         t = self.train
-        need(t.steps >= 1, "train.steps", "must be >= 1")
         need(t.mode in ("pretrain", "continue", "sft"), "train.mode", f"{t.mode!r} is not pretrain/continue/sft")
         need(
             t.mode == "pretrain" or t.init_from is not None or self._resumable(),
@@ -202,7 +248,6 @@ class TrainConfig:
             for _, prefix in self.blend(d.train, "data.train") + self.blend(d.valid, "data.valid"):
                 for ext in (".bin", ".idx"):
                     need(Path(prefix + ext).is_file(), "data", f"{prefix}{ext} does not exist")
-        need(self.log.interval >= 1, "log.interval", "must be >= 1")
         return self
 
     def _resumable(self) -> bool:
@@ -215,10 +260,19 @@ class TrainConfig:
             if isinstance(entry, str):
                 pairs.append((1.0, entry))
             elif isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str):
-                pairs.append((float(entry[0]), entry[1]))
+                pairs.append((self._weight(entry, key), entry[1]))
             else:
                 raise ConfigError(f"{self.source}: {key}: entries are prefixes or [weight, prefix], got {entry!r}")
         return pairs
+
+    def _weight(self, entry, key) -> float:
+        try:
+            weight = coerce(entry[0], float, key)
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}: {err} (the weight of {entry[1]})") from None
+        if weight <= 0:
+            raise ConfigError(f"{self.source}: {key}: the weight of {entry[1]} must be > 0, got {weight}")
+        return weight
 
 
 def build_config(data: dict, overrides: Iterable[str] = (), source: str = "<dict>") -> TrainConfig:
@@ -246,8 +300,8 @@ def build_config(data: dict, overrides: Iterable[str] = (), source: str = "<dict
     try:
         apply_overrides(full, overrides)
         preset_name = full["model"].pop("preset")
-        model_cfg = QSparseConfig.from_dict(full["model"])
-        sections = {name: cls(**full[name]) for name, cls in SECTIONS.items()}
+        model_cfg = QSparseConfig.from_dict(full["model"], where="model")
+        sections = {name: build(cls, full[name], name) for name, cls in SECTIONS.items()}
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{source}: {err}") from None
     return TrainConfig(model=model_cfg, model_preset=preset_name, source=source, **sections)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -105,3 +106,56 @@ def test_block_size_not_dividing_tp_shard_is_named():
 def test_round_trip_through_dict():
     c = preset("tiny", ["sparsity.default=0.5", "bitnet=true"])
     assert QSparseConfig.from_dict(c.to_dict()) == c
+
+
+def test_values_take_the_field_types():
+    c = preset(
+        "tiny", ["norm_epsilon=1e-6", "rotary_base=500000", "bitnet=on", "sparsity.default=5e-1", "kv_channels=none"]
+    )
+    typed = {"norm_epsilon": 1e-6, "rotary_base": 500000.0, "bitnet": True, "kv_channels": None}
+    assert {k: getattr(c, k) for k in typed} == typed
+    assert type(c.norm_epsilon) is float and type(c.rotary_base) is float and c.sparsity.default == 0.5
+    # what a checkpoint records (JSON) comes back equal, and strings of numbers from elsewhere are converted
+    assert QSparseConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    data = dict(c.to_dict(), num_layers="2", sparsity={"default": "0.25", "ste": "false"})
+    loaded = QSparseConfig.from_dict(data)
+    assert (loaded.num_layers, loaded.sparsity.default, loaded.sparsity.ste) == (2, 0.25, False)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["num_layers=abc"], "model.num_layers: 'abc' is not an integer"),
+        (["hidden_size=2.5"], "model.hidden_size: 2.5 is not an integer"),
+        (["bitnet=yes_please"], "model.bitnet: 'yes_please' is not true or false (also accepted: yes/no, on/off, 1/0)"),
+        (
+            ["sparsity.ste=maybe"],
+            "model.sparsity.ste: 'maybe' is not true or false (also accepted: yes/no, on/off, 1/0)",
+        ),
+        (["norm_epsilon=small"], "model.norm_epsilon: 'small' is not a number"),
+        (["sparsity.default=1.0"], "model.sparsity.default=1.0 must lie in [0, 1)"),
+        (["sparsity.default=0.5", "sparsity.fc1=-0.5"], "model.sparsity.fc1=-0.5 must lie in [0, 1)"),
+        (["seq_length=0"], "model.seq_length: must be >= 1, got 0"),
+        (["vocab_divisible_by=0"], "model.vocab_divisible_by: must be >= 1, got 0"),
+        (["kv_channels=0"], "model.kv_channels: must be >= 1, got 0"),
+        (["norm_epsilon=0"], "model.norm_epsilon: must be > 0, got 0.0"),
+        (["rotary_base=-1"], "model.rotary_base: must be > 0, got -1.0"),
+        (["moe_aux_loss_coeff=-0.01"], "model.moe_aux_loss_coeff: must be >= 0, got -0.01"),
+        (["num_experts=4", "moe_ffn_hidden_size=0"], "model.moe_ffn_hidden_size: must be >= 1, got 0"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ValueError) as err:
+        preset("tiny", override)
+    assert str(err.value) == message
+
+
+def test_summary_command_bad_value_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_qsparse.model.summary", "--preset", "tiny", "--set", "num_layers=four"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore:Transformer Engine and Apex are not installed"),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("model.num_layers: 'four' is not an integer")

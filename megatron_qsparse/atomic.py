@@ -3,6 +3,7 @@ same file system, so the final rename is atomic) and renamed into place only whe
 the temporary and leaves the destination as it was. The one home of this rule for the whole package."""
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -53,7 +54,7 @@ def atomic_directory(output: Path, replace: bool = False) -> Iterator[Path]:
     non-empty ``output`` is refused unless ``replace`` (then it is swapped out only after the new one is whole)."""
     output = Path(output)
     if not replace and output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists and is not empty; choose a new output directory")
+        raise FileExistsError(errno.EEXIST, "exists and is not empty; choose a new output directory", str(output))
     output.parent.mkdir(parents=True, exist_ok=True)
     # mkdir with the usual permissions (mkdtemp's would be 0700).
     staging = temporary_sibling(output)

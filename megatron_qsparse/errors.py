@@ -23,6 +23,7 @@ Codes follow BSD ``sysexits.h`` where one fits, so batch scripts can tell "fix t
 
 import errno
 import os
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +37,7 @@ EXIT_CANT_CREATE = 73
 EXIT_IO = 74
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM, in the tools that do not checkpoint (128 + 15)
 
 
 class UserError(Exception):
@@ -69,11 +71,23 @@ _OS_ERRORS = {
     errno.EISDIR: ("is a directory", EXIT_USAGE),
 }
 
+_CODE_BY_TYPE = {
+    FileNotFoundError: EXIT_NO_INPUT,
+    NotADirectoryError: EXIT_NO_INPUT,
+    FileExistsError: EXIT_CANT_CREATE,
+    PermissionError: EXIT_CANT_CREATE,
+    IsADirectoryError: EXIT_USAGE,
+}
+
 
 def describe_os_error(err: OSError, needed_bytes: Optional[int] = None) -> tuple:
     """``(one line, exit code)`` for an OSError: what happened, to which path, and (for a full disk) how much
     room there is and was needed when known."""
+    if err.errno is None:  # raised with a message only, e.g. FileNotFoundError("... does not exist")
+        return str(err) or type(err).__name__, _CODE_BY_TYPE.get(type(err), EXIT_IO)
     what, code = _OS_ERRORS.get(err.errno, (err.strerror or type(err).__name__, EXIT_IO))
+    if err.strerror and err.strerror != os.strerror(err.errno):  # our own wording: keep it
+        what = err.strerror
     paths = [p for p in (err.filename, err.filename2) if p]
     where = " -> ".join(str(p) for p in paths) if paths else "(no path given)"
     line = f"{where}: {what}"
@@ -133,3 +147,36 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv=None, name:
         code, line = known
         print(f"{name}: error: {line}", file=sys.stderr)
         return code
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by `run_tool`'s handler: like KeyboardInterrupt, it unwinds through every
+    `finally`, which removes the temporary output, and no `except Exception` stops it."""
+
+
+def run_tool(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None, name: str) -> int:
+    """`run_command` for a command that writes through temporaries: SIGTERM (a scheduler's stop, `kill`)
+    unwinds like SIGINT, so the temporaries are removed either way; the exit status is 130 for SIGINT and
+    `EXIT_TERMINATED` (143) for SIGTERM."""
+    installed, previous = _raise_on_sigterm()
+    try:
+        return run_command(main, argv, name)
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM); the partial output was removed", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _raise_on_sigterm() -> tuple[bool, object]:
+    """Install the SIGTERM handler: (whether it could be, outside the main thread it cannot; the one replaced)."""
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated()
+
+    try:
+        return True, signal.signal(signal.SIGTERM, terminate)
+    except ValueError:
+        return False, None

@@ -3,7 +3,20 @@
     python tools/preprocess_data.py --input corpus/*.jsonl --tokenizer runs/tokenizer \\
         --output-prefix runs/data/corpus --workers 2
 
-Exit status: 0 done, 2 bad input or usage (the message says which file, line and fix), 130 interrupted.
+Writes PREFIX.bin and PREFIX.idx (megatron-core's IndexedDataset, one sequence per document) and the sidecar
+PREFIX.meta.json recording the tokenizer, which training checks against its own. A text file is one document by
+default, read and tokenized a mebibyte at a time: memory does not grow with a document's size.
+
+Errors are one line on stderr. Exit status (megatron_qsparse/errors.py):
+  0    done
+  2    bad input or usage: the message names the file, the line (or row) and the fix (--skip-bad skips bad records)
+  66   an input file, or the tokenizer directory, does not exist
+  73   the output cannot be created: permission denied, read-only file system
+  74   no space left on device (the free space is named), another I/O error
+  130  interrupted (SIGINT, Ctrl-C)
+  143  terminated (SIGTERM)
+Whatever the status, nothing partial is left: the output is written under hidden temporary names beside it,
+renamed into place only when complete, and removed on any error, SIGINT or SIGTERM.
 """
 
 import argparse
@@ -14,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_qsparse.data.preprocess import preprocess  # noqa: E402
-from megatron_qsparse.data.readers import INPUT_FORMATS, TEXT_UNITS, PreprocessError  # noqa: E402
-from megatron_qsparse.data.tokenizer import TokenizerError  # noqa: E402
+from megatron_qsparse.data.readers import INPUT_FORMATS, TEXT_UNITS  # noqa: E402
+from megatron_qsparse.errors import run_tool  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what one document is in a text file (default: the whole file)",
     )
     parser.add_argument("--tokenizer", required=True, type=Path, help="a local Hugging Face tokenizer directory")
-    parser.add_argument("--output-prefix", required=True, type=Path, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument(
+        "--output-prefix", required=True, type=Path, help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json"
+    )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     parser.add_argument(
         "--skip-bad",
@@ -54,25 +69,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_tool(_preprocess, argv, "preprocess_data.py")
+
+
+def _preprocess(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        preprocess(
-            inputs=args.input,
-            output_prefix=args.output_prefix,
-            tokenizer_path=args.tokenizer,
-            input_format=args.input_format,
-            json_key=args.json_key,
-            text_unit=args.text_unit,
-            workers=args.workers,
-            skip_bad=args.skip_bad,
-            progress=not args.no_progress,
-        )
-    except (PreprocessError, TokenizerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    preprocess(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer_path=args.tokenizer,
+        input_format=args.input_format,
+        json_key=args.json_key,
+        text_unit=args.text_unit,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
     return 0
 
 

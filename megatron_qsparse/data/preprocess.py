@@ -3,10 +3,18 @@
 Every document becomes one sequence `tokenize(text) + [eod]` of an `IndexedDataset` (one sequence per document),
 read back by megatron-core with `IndexedDataset(prefix)`. Files are read in order (`readers`), tokenized by a pool
 of worker processes in ordered batches (`tokenizing`), and written through `IndexedDatasetBuilder` to a temporary
-prefix that is renamed into place only when complete (`indexed`).
+prefix that is renamed into place only when complete (`indexed`), with the sidecar `PREFIX.meta.json` that
+records the tokenizer (`indexed.read_corpus_meta`).
 
-Bad input stops the run with the file, the line (or row) and the fix; with `skip_bad` such records are skipped
-and counted by reason instead (the reasons are listed in `readers`).
+A long document is read and tokenized in pieces of at most a mebibyte of text (`readers.DOCUMENT_PIECE_CHARACTERS`,
+cut where the tokenization does not change) and its ids written as they come: memory does not grow with a
+document's size, and the document is still one sequence.
+
+The output is claimed (its directory made, its temporary .bin created) before any input is read: a location that
+cannot be written fails at once, as an `OSError` naming it. Bad input stops the run with the file, the line
+(or row) and the fix; with `skip_bad` such records are skipped and counted by reason instead (the reasons are
+listed in `readers`). Any error or interruption (KeyboardInterrupt, or `errors.Terminated` from the SIGTERM
+handler of `errors.run_tool`) removes the temporary files.
 """
 
 from __future__ import annotations
@@ -19,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_qsparse.data.indexed import IndexedWriter, indexed_dataset, temporary_prefix, with_suffix
+from megatron_qsparse.data.indexed import (
+    META_SUFFIX,
+    IndexedWriter,
+    corpus_meta,
+    indexed_dataset,
+    temporary_prefix,
+    with_suffix,
+    write_corpus_meta,
+)
 from megatron_qsparse.data.readers import (
     INPUT_FORMATS,
     TEXT_UNITS,
@@ -32,7 +48,7 @@ from megatron_qsparse.data.readers import (
     offline_hugging_face,
     resolve_inputs,
 )
-from megatron_qsparse.data.tokenizer import load_tokenizer
+from megatron_qsparse.data.tokenizer import failures_named, load_tokenizer, tokenizer_fingerprint
 from megatron_qsparse.data.tokenizing import EncodedBatch, batches, in_order, worker_pool
 
 # The input side is re-exported: callers import its errors and choices from here, with `preprocess`.
@@ -49,6 +65,9 @@ __all__ = [
     "resolve_inputs",
 ]
 
+# SIGTERM's exit status for these tools, which keep nothing partial: 128 + 15, as a shell reports a process killed
+# by it (training's 75 means "a checkpoint was written, resume").
+
 
 @dataclass
 class PreprocessStats:
@@ -58,6 +77,7 @@ class PreprocessStats:
     seconds: float
     bin_path: Path
     idx_path: Path
+    meta_path: Path
 
     def summary(self) -> str:
         skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items())) or "none"
@@ -65,7 +85,7 @@ class PreprocessStats:
         return (
             f"wrote {self.documents} documents, {self.tokens} tokens (skipped: {skipped}) in {self.seconds:.2f} s "
             f"({self.documents / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s) "
-            f"-> {self.bin_path}, {self.idx_path}"
+            f"-> {self.bin_path}, {self.idx_path}, {self.meta_path}"
         )
 
 
@@ -85,44 +105,61 @@ def preprocess(
     log: Callable[[str], None] = _log_to_stderr,
     progress: bool = True,
 ) -> PreprocessStats:
-    """Tokenize `inputs` into `output_prefix`.bin/.idx (megatron-core `IndexedDataset`), one sequence per document.
+    """Tokenize `inputs` into `output_prefix`.bin/.idx (megatron-core `IndexedDataset`), one sequence per document,
+    and its sidecar `output_prefix`.meta.json.
 
-    Raises `PreprocessError` (`BadInputError` for a located bad record) and leaves nothing at `output_prefix`.
+    Raises `PreprocessError` (`BadInputError` for a located bad record; `MissingInputError` for an input that does
+    not exist), `OSError` naming the output that cannot be written, and leaves nothing new at `output_prefix`.
     """
     started = time.perf_counter()
     # Before the tokenizer is loaded: that imports the hub client, which reads the offline switch once.
     offline_hugging_face()
     output_prefix = Path(output_prefix)
     sources = _check_arguments(inputs, output_prefix, input_format, text_unit, workers)
+    outputs = {suffix: with_suffix(output_prefix, suffix) for suffix in (".bin", ".idx", META_SUFFIX)}
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = indexed_dataset().DType.optimal_dtype(tokenizer.vocab_size)
-    log(
-        f"preprocessing {len(sources)} input(s) with {workers} worker(s); vocabulary {tokenizer.vocab_size}, "
-        f"eod {tokenizer.eod}, dtype {np.dtype(dtype).name}"
-    )
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    # The pool first: forked workers need not inherit the open .bin.
-    with worker_pool(workers, tokenizer_path, dtype) as pool, temporary_prefix(output_prefix) as temp_prefix:
-        writer = IndexedWriter(with_suffix(temp_prefix, ".bin"), dtype, skip_bad, log)
-        try:
-            work = batches(sources, json_key, text_unit)
-            _tokenize_into(writer, in_order(pool, work, window=2 * workers + 2), progress)
-            if writer.documents == 0:
-                raise PreprocessError("no documents to write: every record was skipped")
-        except BaseException:
-            writer.abandon()
-            raise
-        writer.finish(with_suffix(temp_prefix, ".idx"))
+    with temporary_prefix(output_prefix) as temp_prefix:
+        temp = {suffix: with_suffix(temp_prefix, suffix) for suffix in outputs}
+        _claim(temp[".bin"], outputs[".bin"])
+        log(
+            f"preprocessing {len(sources)} input(s) with {workers} worker(s); vocabulary {tokenizer.vocab_size}, "
+            f"eod {tokenizer.eod}, dtype {np.dtype(dtype).name}"
+        )
+        # The pool before the writer opens the .bin: forked workers need not inherit it.
+        with worker_pool(workers, tokenizer_path, dtype) as pool:
+            writer = IndexedWriter(temp[".bin"], dtype, skip_bad, log, output_bin=outputs[".bin"])
+            try:
+                work = batches(sources, json_key, text_unit)
+                _tokenize_into(writer, in_order(pool, work, window=2 * workers + 2), progress)
+                if writer.documents == 0:
+                    raise PreprocessError("no documents to write: every record was skipped")
+            except BaseException:
+                writer.abandon()
+                raise
+            writer.finish(temp[".idx"], outputs[".idx"])
+        meta = corpus_meta(temp_prefix, tokenizer_fingerprint(tokenizer), writer.documents, writer.tokens, dtype)
+        with failures_named(outputs[META_SUFFIX]):
+            write_corpus_meta(temp_prefix, meta)
     stats = PreprocessStats(
         documents=writer.documents,
         tokens=writer.tokens,
         skipped=dict(writer.skipped),
         seconds=time.perf_counter() - started,
-        bin_path=with_suffix(output_prefix, ".bin"),
-        idx_path=with_suffix(output_prefix, ".idx"),
+        bin_path=outputs[".bin"],
+        idx_path=outputs[".idx"],
+        meta_path=outputs[META_SUFFIX],
     )
     log(stats.summary())
     return stats
+
+
+def _claim(temp_bin: Path, output_bin: Path) -> None:
+    """Make the output's directory and its temporary .bin now, so that a location that cannot be written (permission
+    denied, read-only file system) fails before any input is read."""
+    output_bin.parent.mkdir(parents=True, exist_ok=True)  # its error names the directory it could not make
+    with failures_named(output_bin):
+        temp_bin.touch(exist_ok=False)
 
 
 def _check_arguments(

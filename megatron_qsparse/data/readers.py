@@ -4,6 +4,15 @@ paragraph or line), JSON lines, parquet and saved `datasets` directories, in fil
 Files are read with Hugging Face `datasets` (streaming, offline). A record that cannot be a document is located
 by file and line (or row) and has a reason: "malformed_json", "missing_field", "non_string_field", "invalid_utf8"
 or "empty_file"; `iter_document_texts` raises `BadInputError` at the first, preprocessing can skip and count them.
+
+Memory is bounded by the pieces of a document, not by the document: a text file read as one document (the
+default) is streamed as `Piece`s of at most `DOCUMENT_PIECE_CHARACTERS` characters, and every consumer tokenizes
+any long text piece by piece (`text_pieces`). Pieces end just before a space (or tab) that follows a non-space,
+where the byte-level pre-tokenizers (GPT-2's, Llama 3's, ours) also split, so tokenizing the pieces gives the
+same ids as tokenizing the whole. Only a window of that size without any such space is cut elsewhere (before a
+line break, or hard at the limit when it has no whitespace at all), and only there may the ids differ;
+tokenizers that add a prefix to every text they see (SentencePiece's "▁" with prepend_scheme "always") may
+differ at every cut. A line, a paragraph or a JSON/parquet record is read whole: its size is the record's.
 """
 
 from __future__ import annotations
@@ -11,10 +20,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable, Iterator
+import re
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from megatron_qsparse.errors import EXIT_NO_INPUT, UserError
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "parquet", "datasets")
 TEXT_UNITS = ("file", "paragraph", "line")
@@ -39,10 +52,20 @@ FIXES = {
 }
 # Records read from `datasets` per step; also the records per batch sent to a tokenizer worker.
 BATCH_RECORDS = 1024
+# The most characters of one document read, or tokenized, at a time (see the module's docstring).
+DOCUMENT_PIECE_CHARACTERS = 1 << 20
+# Skipped records reported one by one before only counting them.
+WARNINGS_SHOWN = 20
 
 
 class PreprocessError(ValueError):
     """Input or arguments that preprocessing cannot use; the message says what to do."""
+
+
+class MissingInputError(PreprocessError, UserError):
+    """An input path that does not exist (exit status 66, like a missing file)."""
+
+    exit_code = EXIT_NO_INPUT
 
 
 class BadInputError(PreprocessError):
@@ -50,7 +73,7 @@ class BadInputError(PreprocessError):
 
     def __init__(self, path: Path, unit: str, location: int, reason: str, problem: str) -> None:
         super().__init__(f"{path}, {unit} {location}: {problem}; {FIXES[reason]}")
-        self.path, self.unit, self.location, self.reason = path, unit, location, reason
+        self.path, self.unit, self.location, self.reason, self.problem = path, unit, location, reason, problem
 
 
 class BadRecord(Exception):
@@ -72,8 +95,44 @@ class InputFile:
         return "line" if self.format in ("text", "jsonl") else "row"
 
 
-# A record: its 1-based line/row and either the raw JSON line (jsonl), the document text, or why it is bad.
+@dataclass(frozen=True)
+class Piece:
+    """A part of a document streamed in parts (a text file read whole); the document ends with its `last` piece."""
+
+    text: str
+    last: bool
+
+
+# A record: its 1-based line/row and either the raw JSON line (jsonl), the document text, a `Piece` of it, or why
+# it is bad.
 Record = tuple[int, Any]
+
+
+def ends_document(payload: Any) -> bool:
+    """Whether a record's payload completes its document (all but the non-last pieces do)."""
+    return not isinstance(payload, Piece) or payload.last
+
+
+class SkippedRecords:
+    """What to do with a bad record: raise its `BadInputError`, or (with `skip_bad`) count it by reason and warn
+    about the first `WARNINGS_SHOWN`."""
+
+    def __init__(self, skip_bad: bool, log: Callable[[str], None]) -> None:
+        self.skip_bad, self.log = skip_bad, log
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, error: BadInputError) -> None:
+        if not self.skip_bad:
+            raise error
+        self.counts[error.reason] += 1
+        shown = sum(self.counts.values())
+        if shown <= WARNINGS_SHOWN:
+            self.log(f"warning: skipped {error.path}, {error.unit} {error.location}: {error.problem}")
+        if shown == WARNINGS_SHOWN:
+            self.log("warning: further skipped records are only counted")
+
+    def summary(self) -> str:
+        return ", ".join(f"{reason} {count}" for reason, count in sorted(self.counts.items())) or "none"
 
 
 def offline_hugging_face() -> None:
@@ -110,7 +169,7 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike], input_format: str = "aut
 
 def _format_of(path: Path, requested: str) -> str:
     if not path.exists():
-        raise PreprocessError(f"input {path} does not exist")
+        raise MissingInputError(f"input {path} does not exist")
     if path.is_dir():
         if requested not in ("auto", "datasets") or not any((path / m).exists() for m in DATASETS_DIR_MARKERS):
             raise PreprocessError(
@@ -156,23 +215,29 @@ def iter_records(source: InputFile, json_key: str = "text", text_unit: str = "fi
         yield 1, BadRecord("empty_file", "the file has no documents (it is empty or blank)")
 
 
-def _undecodable_lines(path: Path, chunk_bytes: int = 1 << 24) -> set[int]:
+def _undecodable_lines(path: Path, chunk_characters: int = 1 << 22) -> set[int]:
     """1-based numbers of the lines that are not valid UTF-8, numbered like `datasets`' text builder does.
 
     `datasets` cannot carry undecodable bytes (Arrow strings are UTF-8, so "surrogateescape" fails), so files are
-    read with errors="replace" and this binary pass tells which lines were replaced. Lines end at "\\n", "\\r\\n"
-    or "\\r" (Python's universal newlines), like `bytes.splitlines`.
+    read with errors="replace" and this pass tells which lines were replaced. It reads with "surrogateescape"
+    (each undecodable byte becomes a lone surrogate) and universal newlines (lines end at "\\n", "\\r\\n" or
+    "\\r", like `bytes.splitlines`), a bounded chunk at a time: a file that is one long line is never whole.
     """
     bad: set[int] = set()
     lines_before = 0
-    with path.open("rb") as file:
-        # Chunks end at a "\n", so neither a line nor a UTF-8 sequence is ever cut in two.
-        while chunk := file.read(chunk_bytes) + file.readline():
-            lines = chunk.splitlines()
-            if not _is_utf8(chunk):
-                bad.update(lines_before + number for number, line in enumerate(lines, 1) if not _is_utf8(line))
-            lines_before += len(lines)
+    with path.open(encoding="utf-8", errors="surrogateescape", newline=None) as file:
+        while chunk := file.read(chunk_characters):
+            line, counted_to = lines_before + 1, 0
+            for escaped in _ESCAPED_BYTE.finditer(chunk):
+                line += chunk.count("\n", counted_to, escaped.start())
+                counted_to = escaped.start()
+                bad.add(line)
+            lines_before += chunk.count("\n")
     return bad
+
+
+# What "surrogateescape" turns an undecodable byte into.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -228,16 +293,67 @@ def _text_records(path: Path, text_unit: str) -> Iterator[Record]:
 
 
 def _whole_file_record(path: Path) -> Iterator[Record]:
+    """The file as one document, read like `datasets`' "document" samples (UTF-8 with an optional byte-order mark,
+    universal newlines), streamed in `Piece`s; nothing for a blank file."""
     undecodable = _undecodable_lines(path)
     if undecodable:
         yield min(undecodable), _invalid_utf8()
         return
-    document = _datasets().load_dataset(
-        "text", data_files=_exactly(path), split="train", streaming=True, encoding="utf-8-sig", sample_by="document"
-    )
-    for row in document:
-        if row["text"].strip():
-            yield 1, row["text"]
+    pieces = _streamed_pieces(path, DOCUMENT_PIECE_CHARACTERS)
+    held = next(pieces, None)
+    for piece in pieces:
+        yield 1, Piece(held, last=False)
+        held = piece
+    if held is not None:
+        yield 1, Piece(held, last=True)
+
+
+def _streamed_pieces(path: Path, limit: int) -> Iterator[str]:
+    """The file's text in consecutive pieces of at most `limit` characters, cut like `text_pieces`; nothing when it
+    is blank (leading blank text is held until the first non-blank character shows the document is not empty)."""
+    pending, blank = "", True
+    with path.open(encoding="utf-8-sig", newline=None) as file:
+        while chunk := file.read(limit):
+            pending += chunk
+            blank = blank and chunk.isspace()
+            while not blank and len(pending) > limit:
+                end = _piece_end(pending, 0, limit)
+                yield pending[:end]
+                pending = pending[end:]
+    if not blank:
+        yield from text_pieces(pending, limit)
+
+
+def text_pieces(text: str, limit: int = DOCUMENT_PIECE_CHARACTERS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` characters that join back to it; a short text is itself.
+
+    A piece ends, by preference, just before a space, tab or other horizontal whitespace that follows a non-space
+    (where byte-level pre-tokenizers split too, so the pieces tokenize like the whole); else before a line break
+    after a letter or digit (as safe), else before any whitespace after a non-space (Llama 3's pre-tokenizer
+    keeps punctuation with the line breaks that follow it: the ids may differ there), else at `limit`."""
+    start = 0
+    while len(text) - start > limit:
+        end = _piece_end(text, start, limit)
+        yield text[start:end]
+        start = end
+    yield text[start:] if start else text
+
+
+# The cuts, best first: the last match before the limit ends a piece (see `text_pieces`).
+_CUTS = (re.compile(r"\S(?=[^\S\r\n])"), re.compile(r"[^\W_](?=\s)"), re.compile(r"\S(?=\s)"))
+# Where the search for a cut starts: the window's last part (a cut is usually near), then the whole window.
+_CUT_SEARCH = 1 << 12
+
+
+def _piece_end(text: str, start: int, limit: int) -> int:
+    """The end of the piece of `text` that starts at `start`: the last good cut in text[start + 1 : start + limit]."""
+    end = start + limit  # the cut is at most here: text[end] may be the space the piece ends before
+    for pattern in _CUTS:
+        for search_from in (max(start, end - _CUT_SEARCH), start):
+            last = deque(pattern.finditer(text, search_from, end + 1), maxlen=1)
+            if last:
+                return last[0].end()
+    return end
 
 
 def _line_records(lines: Iterator[tuple[int, str, bool]]) -> Iterator[Record]:
@@ -305,6 +421,8 @@ def document_text(input_format: str, json_key: str, payload: Any) -> str:
     """The text of one record's payload, or raise `BadRecord`."""
     if isinstance(payload, BadRecord):
         raise payload
+    if isinstance(payload, Piece):
+        return payload.text
     if input_format == "jsonl":
         return _json_field(payload, json_key)
     return payload
@@ -336,20 +454,58 @@ def _is_encodable(text: str) -> bool:
 
 
 def iter_document_texts(
-    inputs: Iterable[str | os.PathLike], json_key: str = "text", text_unit: str = "file", input_format: str = "auto"
+    inputs: Iterable[str | os.PathLike],
+    json_key: str = "text",
+    text_unit: str = "file",
+    input_format: str = "auto",
+    on_bad: Callable[[BadInputError], None] | None = None,
 ) -> Iterator[str]:
-    """Every document's text, in order, in this process.
+    """Every document's text, in order, in this process (a document streamed in pieces is joined: whole).
 
-    Inputs and options are checked now; the first bad record raises `BadInputError` when it is reached.
+    Inputs and options are checked now; the first bad record raises `BadInputError` when it is reached, or is
+    passed to `on_bad` (say a `SkippedRecords`) and skipped.
     """
     check_text_unit(text_unit)
-    return _texts(resolve_inputs(inputs, input_format), json_key, text_unit)
+    return _joined(_texts(resolve_inputs(inputs, input_format), json_key, text_unit, on_bad))
 
 
-def _texts(sources: list[InputFile], json_key: str, text_unit: str) -> Iterator[str]:
+def iter_text_pieces(
+    inputs: Iterable[str | os.PathLike],
+    json_key: str = "text",
+    text_unit: str = "file",
+    input_format: str = "auto",
+    on_bad: Callable[[BadInputError], None] | None = None,
+    limit: int = DOCUMENT_PIECE_CHARACTERS,
+) -> Iterator[str]:
+    """Like `iter_document_texts` (inputs checked now), but every document in pieces of at most `limit` characters
+    (`text_pieces`): for consumers, like tokenizer training, to whom where a document ends does not matter."""
+    check_text_unit(text_unit)
+    texts = _texts(resolve_inputs(inputs, input_format), json_key, text_unit, on_bad)
+    return (piece for text, _ in texts for piece in text_pieces(text, limit))
+
+
+def _texts(
+    sources: list[InputFile], json_key: str, text_unit: str, on_bad: Callable[[BadInputError], None] | None
+) -> Iterator[tuple[str, bool]]:
+    """(text, whether it ends its document) for every record, in order."""
     for source in sources:
         for location, payload in iter_records(source, json_key, text_unit):
             try:
-                yield document_text(source.format, json_key, payload)
+                text = document_text(source.format, json_key, payload)
             except BadRecord as bad:
-                raise BadInputError(source.path, source.unit, location, bad.reason, bad.problem) from None
+                error = BadInputError(source.path, source.unit, location, bad.reason, bad.problem)
+            else:
+                yield text, ends_document(payload)
+                continue
+            if on_bad is None:
+                raise error
+            on_bad(error)
+
+
+def _joined(texts: Iterator[tuple[str, bool]]) -> Iterator[str]:
+    parts: list[str] = []
+    for text, ends in texts:
+        parts.append(text)
+        if ends:
+            yield parts[0] if len(parts) == 1 else "".join(parts)
+            parts = []

@@ -4,27 +4,46 @@
 `tokenize`/`detokenize` for preprocessing and checks. A document's own text never produces the end-of-document
 id: special-token strings inside a document (say, the literal text "<|endoftext|>") are encoded as plain text,
 so the only `eod` in a preprocessed corpus is the one appended after each document.
+
+`tokenizer_fingerprint` is what a corpus records of its tokenizer (`PREFIX.meta.json`, see `indexed`), and what
+training compares it with.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from megatron_qsparse.atomic import atomic_directory
-from megatron_qsparse.data.readers import iter_document_texts, offline_hugging_face
+from megatron_qsparse.data.readers import SkippedRecords, iter_text_pieces, offline_hugging_face
+from megatron_qsparse.errors import EXIT_NO_INPUT, UserError, os_error
 
 END_OF_TEXT = "<|endoftext|>"
 # What save_pretrained writes for one kind of tokenizer or another; a directory with none of them is not one.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # 256 byte symbols plus <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
 MIN_VOCAB_SIZE = 257
+# The most characters given to the BPE trainer as one text: a long document goes in pieces (`readers.text_pieces`,
+# cut where the pre-tokenizer splits anyway, so the words counted are the same), a few hundred of them buffered.
+TRAINING_PIECE_CHARACTERS = 1 << 16
 
 
 class TokenizerError(ValueError):
     """A tokenizer directory that cannot be loaded, or a training request that cannot be met."""
+
+
+class MissingTokenizerError(TokenizerError, UserError):
+    """A tokenizer directory that does not exist (exit status 66, like a missing input)."""
+
+    exit_code = EXIT_NO_INPUT
 
 
 class QSparseTokenizer:
@@ -33,6 +52,7 @@ class QSparseTokenizer:
     def __init__(self, hf_tokenizer: Any, path: Path) -> None:
         self._hf = hf_tokenizer
         self._eod = _end_of_document_id(hf_tokenizer, path)
+        self.path = Path(path)
 
     @property
     def hf(self) -> Any:
@@ -80,8 +100,10 @@ def _end_of_document_id(hf_tokenizer: Any, path: Path) -> int:
 def load_tokenizer(path: str | os.PathLike) -> QSparseTokenizer:
     """Load a local Hugging Face tokenizer directory (ours, or e.g. a Llama/Mistral tokenizer saved locally)."""
     path = Path(path)
+    if not path.exists():
+        raise MissingTokenizerError(f"tokenizer directory {path} does not exist")
     if not path.is_dir():
-        raise TokenizerError(f"tokenizer directory {path} does not exist (or is not a directory)")
+        raise TokenizerError(f"tokenizer {path} is a file; pass its directory (the one save_pretrained wrote)")
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise TokenizerError(
             f"{path} is not a Hugging Face tokenizer directory: it has none of {', '.join(TOKENIZER_FILES)} "
@@ -96,19 +118,55 @@ def load_tokenizer(path: str | os.PathLike) -> QSparseTokenizer:
     return QSparseTokenizer(hf_tokenizer, path)
 
 
+def tokenizer_fingerprint(tokenizer: QSparseTokenizer | str | os.PathLike) -> dict:
+    """What identifies a tokenizer (loaded, or its directory): the "tokenizer" entry of a corpus' sidecar,
+    ``{"path": <absolute directory>, "vocab_size": int, "vocab_sha256": <64 hex>, "eod": int}``.
+
+    Two tokenizers with the same "vocab_sha256" give every id the same meaning, so a corpus made with one trains
+    a model for the other; "path" only says where it was."""
+    if not isinstance(tokenizer, QSparseTokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    return {
+        "path": str(tokenizer.path.absolute()),
+        "vocab_size": tokenizer.vocab_size,
+        "vocab_sha256": vocab_sha256(tokenizer),
+        "eod": tokenizer.eod,
+    }
+
+
+def vocab_sha256(tokenizer: QSparseTokenizer | str | os.PathLike) -> str:
+    """sha256 (hex) of the vocabulary, added tokens included: ``json.dumps(sorted(get_vocab().items()))`` as UTF-8
+    (compact separators ``(",", ":")``, ASCII escapes), i.e. of the sorted [token, id] pairs. Independent of how
+    the tokenizer files are formatted, and of the files' kind (tokenizer.json, a SentencePiece model, ...)."""
+    if not isinstance(tokenizer, QSparseTokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    pairs = sorted(tokenizer.hf.get_vocab().items())
+    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def train_bpe_tokenizer(
     files: list[Path],
     output_dir: Path,
     vocab_size: int = 8192,
     min_frequency: int = 2,
     text_field: str = "text",
+    skip_bad: bool = False,
+    log: Callable[[str], None] = _log_to_stderr,
 ) -> Path:
     """Train a byte-level BPE on text or JSON-lines files (the `text_field` of each line) and save it.
 
     Text files are read paragraph by paragraph; any input `preprocess` reads (parquet, a saved `datasets`
-    directory) works too. The result is a Hugging Face tokenizer directory whose only special token,
-    `<|endoftext|>`, is the end-of-document and pad token. It is built in a temporary sibling directory and
-    renamed into place, so `output_dir` is either absent or complete.
+    directory) works too. A long document reaches the trainer in pieces of `TRAINING_PIECE_CHARACTERS`, so its
+    memory does not grow with the document. Bad records raise `BadInputError`, or with `skip_bad` are skipped,
+    counted and logged. The result is a Hugging Face tokenizer directory whose only special token,
+    `<|endoftext|>`, is the end-of-document and pad token. It is built in a temporary sibling directory, made
+    before training (an output that cannot be created fails at once, not after the work) and renamed into place
+    at the end, so `output_dir` is either absent or complete; the temporary is removed on any error or
+    interruption.
     """
     # Before `datasets` (reading) and `transformers` (saving) are first imported: they read the switch only then.
     offline_hugging_face()
@@ -117,11 +175,53 @@ def train_bpe_tokenizer(
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise TokenizerError(f"{output_dir} already exists and is not an empty directory; remove it or pick another")
-    texts = iter_document_texts(files, json_key=text_field, text_unit="paragraph")
-    backend = _byte_level_bpe()
-    backend.train_from_iterator(texts, _bpe_trainer(vocab_size, min_frequency))
-    _save_atomically(backend, output_dir)
+    bad = SkippedRecords(skip_bad, log)
+    texts = _Counted(
+        iter_text_pieces(files, json_key=text_field, text_unit="paragraph", on_bad=bad, limit=TRAINING_PIECE_CHARACTERS)
+    )
+    with contextlib.ExitStack() as stack:
+        # Not replace=True: an output directory that is not empty was refused above; an empty one is replaced.
+        with failures_named(output_dir):
+            staging = stack.enter_context(atomic_directory(output_dir))
+        backend = _byte_level_bpe()
+        backend.train_from_iterator(texts, _bpe_trainer(vocab_size, min_frequency))
+        if bad.counts:
+            log(f"skipped: {bad.summary()}")
+        if texts.count == 0:
+            raise TokenizerError("no text to train on: every record was skipped")
+        with failures_named(output_dir):
+            _save(backend, staging)
     return output_dir
+
+
+class _Counted:
+    """An iterator that counts what it yields."""
+
+    def __init__(self, items: Iterator[str]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self.items:
+            self.count += 1
+            yield item
+
+
+@contextlib.contextmanager
+def failures_named(path: Path) -> Iterator[None]:
+    """An OS error inside becomes one naming `path` (the output the user asked for), keeping its errno: a write to
+    a full disk names no file at all, and a temporary's hidden name would mean nothing to the user. The Rust
+    writers' errors (tokenizer.json) carry their errno only as "(os error N)" in the message."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise os_error(error.errno, path) from None
+    except Exception as error:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found is None or int(found.group(1)) not in errno.errorcode:
+            raise
+        raise os_error(int(found.group(1)), path) from None
 
 
 def _byte_level_bpe() -> Any:
@@ -147,7 +247,7 @@ def _bpe_trainer(vocab_size: int, min_frequency: int) -> Any:
     )
 
 
-def _save_atomically(backend: Any, output_dir: Path) -> None:
+def _save(backend: Any, directory: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     hf_tokenizer = PreTrainedTokenizerFast(
@@ -156,6 +256,4 @@ def _save_atomically(backend: Any, output_dir: Path) -> None:
         pad_token=END_OF_TEXT,
         clean_up_tokenization_spaces=False,
     )
-    # Not replace=True: the caller has refused an output directory that is not empty; an empty one is replaced.
-    with atomic_directory(output_dir) as staging:
-        hf_tokenizer.save_pretrained(str(staging))
+    hf_tokenizer.save_pretrained(str(directory))

@@ -1,11 +1,20 @@
 """Tokenizing records in a pool of worker processes: batches that never span two files go out in file order, at
-most a few at a time, and come back in the same order as tokens plus each document's length."""
+most a few at a time, and come back in the same order as tokens plus each record's length.
+
+A record is a document, or a `Piece` of one streamed in parts (a text file read whole); only a record that ends
+its document gets the eod. A long text is tokenized `BATCH_CHARACTERS` at a time, in `text_pieces` (which
+tokenize like the whole, see `readers`): the tokenizer's working memory for a document is bounded, and only its
+ids (2 or 4 bytes each) are kept.
+
+Workers ignore SIGINT and die on SIGTERM: on Ctrl-C (sent to the whole process group) the main process unwinds,
+removes its temporary output and terminates the pool; a worker's own traceback would only be noise.
+"""
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,10 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from megatron_qsparse.data.readers import BATCH_RECORDS, BadRecord, InputFile, Record, document_text, iter_records
+from megatron_qsparse.data.readers import (
+    BATCH_RECORDS,
+    BadRecord,
+    InputFile,
+    Piece,
+    Record,
+    document_text,
+    ends_document,
+    iter_records,
+    text_pieces,
+)
 from megatron_qsparse.data.tokenizer import QSparseTokenizer, load_tokenizer
 
-# The characters that close a batch before BATCH_RECORDS (long documents).
+# The characters that close a batch before BATCH_RECORDS (long documents); also the most characters a worker
+# gives the tokenizer at once.
 BATCH_CHARACTERS = 1 << 20
 
 
@@ -30,8 +50,9 @@ class Batch:
 
 @dataclass(frozen=True)
 class EncodedBatch:
-    tokens: np.ndarray  # every document's tokens and eod, concatenated
-    lengths: list[int]
+    tokens: np.ndarray  # every record's tokens (and eod where it ends its document), concatenated
+    lengths: list[int]  # each record's share of `tokens`
+    ends: list[bool]  # whether each record ends its document
     bad: list[tuple[int, BadRecord]]
 
 
@@ -42,12 +63,18 @@ def batches(sources: list[InputFile], json_key: str, text_unit: str) -> Iterator
         characters = 0
         for record in iter_records(source, json_key, text_unit):
             records.append(record)
-            characters += len(record[1]) if isinstance(record[1], str) else 0
+            characters += _characters(record[1])
             if len(records) >= BATCH_RECORDS or characters >= BATCH_CHARACTERS:
                 yield source, Batch(source.format, json_key, records)
                 records, characters = [], 0
         if records:
             yield source, Batch(source.format, json_key, records)
+
+
+def _characters(payload: Any) -> int:
+    if isinstance(payload, Piece):
+        return len(payload.text)
+    return len(payload) if isinstance(payload, str) else 0  # a document's text or JSON line; not a BadRecord
 
 
 _worker_tokenizer: QSparseTokenizer | None = None
@@ -56,23 +83,57 @@ _worker_dtype: type[np.number] | None = None
 
 def _start_worker(tokenizer_path: str, dtype: type[np.number]) -> None:
     global _worker_tokenizer, _worker_dtype
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by `worker_pool` while forking
     # One core per worker: the tokenizer's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer, _worker_dtype = load_tokenizer(tokenizer_path), dtype
 
 
 def _encode_batch(batch: Batch) -> EncodedBatch:
-    texts, bad = [], []
+    texts, ends, bad = [], [], []
     for location, payload in batch.records:
         try:
             texts.append(document_text(batch.input_format, batch.json_key, payload))
+            ends.append(ends_document(payload))
         except BadRecord as record:
             bad.append((location, record))
-    eod = _worker_tokenizer.eod
-    documents = [ids + [eod] for ids in _worker_tokenizer.tokenize_batch(texts)] if texts else []
-    lengths = [len(ids) for ids in documents]
-    tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=_worker_dtype, count=sum(lengths))
-    return EncodedBatch(tokens, lengths, bad)
+    eod = np.array([_worker_tokenizer.eod], dtype=_worker_dtype)
+    parts: list[np.ndarray] = []
+    lengths = []
+    for ids, end in zip(_tokenize_each(texts), ends):
+        parts.extend(ids + [eod] if end else ids)
+        lengths.append(sum(len(part) for part in ids) + (1 if end else 0))
+    tokens = np.concatenate(parts) if parts else np.empty(0, dtype=_worker_dtype)
+    return EncodedBatch(tokens, lengths, ends, bad)
+
+
+def _tokenize_each(texts: list[str]) -> list[list[np.ndarray]]:
+    """Each text's ids, as arrays; texts go to the tokenizer in calls of about `BATCH_CHARACTERS` characters, a
+    long one in several (`text_pieces`), so no call sees more than that."""
+    ids: list[list[np.ndarray]] = [[] for _ in texts]
+    owners: list[int] = []
+    pieces: list[str] = []
+    characters = 0
+
+    def flush() -> None:
+        for owner, piece_ids in zip(owners, _worker_tokenizer.tokenize_batch(pieces)):
+            ids[owner].append(np.array(piece_ids, dtype=_worker_dtype))
+        owners.clear()
+        pieces.clear()
+
+    for owner, text in enumerate(texts):
+        for piece in text_pieces(text, BATCH_CHARACTERS):
+            if pieces and characters + len(piece) > BATCH_CHARACTERS:
+                flush()
+                characters = 0
+            owners.append(owner)
+            pieces.append(piece)
+            characters += len(piece)
+    if pieces:
+        flush()
+    return ids
 
 
 def in_order(
@@ -90,8 +151,18 @@ def in_order(
         yield source_done, result.get()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def worker_pool(workers: int, tokenizer_path: Path, dtype: type[np.number]) -> Any:
     # fork starts workers in milliseconds with the tokenizer libraries already imported; spawn re-imports them.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    return context.Pool(workers, initializer=_start_worker, initargs=(str(tokenizer_path), dtype))
+    # SIGINT and SIGTERM wait while the workers start: one landing in fork's bookkeeping is lost to the parent
+    # (Python prints "Exception ignored" and carries on), and a worker must not get one before it ignores it. The
+    # pool's threads, started now, inherit the mask and leave the signals to the main thread.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return context.Pool(workers, initializer=_start_worker, initargs=(str(tokenizer_path), dtype))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -37,6 +37,10 @@ def expected_sequences(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer.tokenize(text) + [tokenizer.eod] for text in texts]
 
 
+# What preprocessing writes at the prefix "slice".
+CORPUS_FILES = {"slice.bin", "slice.idx", "slice.meta.json"}
+
+
 def assert_only(directory: Path, names: set[str]) -> None:
     """The directory holds exactly `names`: no temporary prefix and no partial output."""
     assert {p.name for p in directory.iterdir()} == names
@@ -57,7 +61,8 @@ def test_jsonl_with_two_workers_reads_back_as_tokens_plus_eod(jsonl_output, toke
     assert stats.tokens == sum(map(len, expected))
     assert stats.skipped == {}
     assert (stats.bin_path, stats.idx_path) == (prefix.with_name("slice.bin"), prefix.with_name("slice.idx"))
-    assert_only(prefix.parent, {"slice.bin", "slice.idx"})
+    assert stats.meta_path == prefix.with_name("slice.meta.json")
+    assert_only(prefix.parent, CORPUS_FILES)
 
     dataset = read_back(prefix)
     assert len(dataset) == 23
@@ -227,11 +232,12 @@ def test_usage_errors(tokenizer_dir, tmp_path):
 
 
 def test_rerun_replaces_the_previous_output(jsonl_output, tokenizer_dir, tmp_path):
-    (tmp_path / "slice.bin").write_bytes(b"stale")
-    (tmp_path / "slice.idx").write_bytes(b"stale")
+    for suffix in (".bin", ".idx", ".meta.json"):
+        (tmp_path / f"slice{suffix}").write_bytes(b"stale")
     run([SLICE], tmp_path / "slice", tokenizer_dir)
     assert_same_files(jsonl_output[0], tmp_path / "slice")
-    assert_only(tmp_path, {"slice.bin", "slice.idx"})
+    assert (tmp_path / "slice.meta.json").read_bytes() == jsonl_output[0].with_name("slice.meta.json").read_bytes()
+    assert_only(tmp_path, CORPUS_FILES)
 
 
 def load_tool(name: str):
@@ -287,8 +293,11 @@ def test_cli_process_exit_status_without_traceback(tokenizer_dir, tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2
-    assert f"error: input {tmp_path / 'missing.jsonl'} does not exist" in result.stderr
+    assert result.returncode == 66  # errors.EXIT_NO_INPUT
+    assert (
+        result.stderr.splitlines()[-1]
+        == f"preprocess_data.py: error: input {tmp_path / 'missing.jsonl'} does not exist"
+    )
     assert "Traceback" not in result.stderr
 
 

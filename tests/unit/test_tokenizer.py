@@ -184,6 +184,9 @@ def test_cli_process_exit_status_without_traceback(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2
-    assert f"error: input {tmp_path / 'missing.txt'} does not exist" in result.stderr
+    assert result.returncode == 66  # errors.EXIT_NO_INPUT
+    assert (
+        result.stderr.splitlines()[-1] == f"train_tokenizer.py: error: input {tmp_path / 'missing.txt'} does not exist"
+    )
     assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the output is claimed only once the inputs exist

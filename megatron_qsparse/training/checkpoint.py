@@ -1,38 +1,62 @@
 """Writing and resuming checkpoints: the model as a megatron-core distributed checkpoint (loadable under any
-TP/PP layout), each rank's DeepSpeed ZeRO optimizer partition, each rank's RNG states, and the trainer state
-(step, config, layout). The format and its reading live in ``model/checkpoint.py``.
+TP/PP layout), each rank's DeepSpeed ZeRO optimizer partition, each rank's RNG states, the manifest and the
+trainer state (step, run id, config, layout). The format, its checks and its reading live in
+``model/checkpoint.py``.
 
-Everything is written under ``<root>/.tmp-step_0000100`` and renamed when all ranks are done, so a killed save
-never leaves a directory that ``find_latest`` would pick. Our own files load with ``weights_only=True``.
+A save (:func:`save_checkpoint`, collective) writes everything under ``<root>/.tmp-step_0000100``; once every
+rank's files are on disk the ranks hash a share of them each and rank 0 writes ``manifest.json`` (size and
+sha256 of every file), then ``trainer_state.json``, renames the directory into place, points ``latest`` at it
+and prunes. So a killed save never leaves a directory that ``find_latest`` would pick, and a file damaged later
+is found by its checksum instead of being loaded. A failed save removes the temporary directory and leaves
+``latest`` and the older checkpoints as they were; on a full disk it raises ``errors.os_error(ENOSPC, ...)``
+(exit 74) instead of torch's ``unexpected pos`` / ``basic_ios::clear``.
+
+Runs: ``trainer_state["run_id"]`` names the run. A save refuses to overwrite a ``step_*`` directory of another
+run, and pruning only removes this run's checkpoints (oldest step first, keeping the ``keep`` newest that
+verify, never the one just written or the one ``latest`` names).
+
+Loading: the model through ``model/safe_load.py`` (nothing in a checkpoint can run code), our own files with
+``weights_only=True``.
 """
 
-import json
+import errno
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_qsparse import atomic
+from megatron_qsparse import atomic, errors
+from megatron_qsparse.errors import CheckpointError
 from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side, re-exported for the trainer)
     LATEST,
+    MANIFEST,
     STATE_FILE,
     complete_checkpoints,
     find_latest,
     load_model,
+    rank_file_name,
     read_model_config,
     read_trainer_state,
     resolve_checkpoint,
     step_name,
+    verify_checkpoint,
 )
+from megatron_qsparse.model.manifest import hash_files, listed_files, read_manifest, write_manifest
+from megatron_qsparse.model.safe_load import load_weights_only
 from megatron_qsparse.training.optimizer import load_zero_partition, save_zero_partition
+
+# Below this much free space a failed save is taken for a full disk (torch's writers lose the errno).
+FULL_DISK_MARGIN = 64 * 2**20
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
 def _rank_file(directory: Path, kind: str) -> Path:
-    return directory / kind / f"rank_{dist.get_rank():05d}.pt"
+    return directory / kind / rank_file_name(dist.get_rank())
 
 
 def rng_state() -> dict:
@@ -62,44 +86,228 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ---- saving -------------------------------------------------------------------------------------------------
 def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it. Returns the final directory. CheckpointError (before anything is
+    written) when ``step_*`` exists and belongs to another run; OSError ENOSPC when the disk fills up."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a torn save of the same step
-        for sub in ("model", "optimizer", "rng"):
-            (tmp / sub).mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-    save_zero_partition(engine, _rank_file(tmp, "optimizer"))
-    torch.save(rng_state(), _rank_file(tmp, "rng"))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(root, final.name)
-        _prune(root, keep)
+    run_id = trainer_state.get("run_id")
+    conflict = _from_rank0(lambda: _ownership_conflict(final, run_id))
+    if conflict:
+        raise CheckpointError(conflict)
+    needed = _from_rank0(lambda: _size_of_newest(root))
+
+    def prepare():
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a torn save of the same step
+            for sub in ("model", "optimizer", "rng"):
+                (tmp / sub).mkdir(parents=True)
+
+    def write_rank_files():
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+        save_zero_partition(engine, _rank_file(tmp, "optimizer"))
+        torch.save(rng_state(), _rank_file(tmp, "rng"))
+
+    _collectively(prepare, final, tmp, needed)  # its all-reduce is also the barrier before the writes
+    _collectively(write_rank_files, final, tmp, needed)
+    share = _collectively(lambda: _hash_my_share(tmp), final, tmp, needed)
+    files = {name: entry for each in _gathered(share) for name, entry in each.items()}
+
+    def finish():
+        if dist.get_rank() == 0:
+            _finish(root, final, tmp, files, trainer_state, step, keep)
+
+    _collectively(finish, final, tmp, needed)
     dist.barrier()
     return final
+
+
+def _finish(root: Path, final: Path, tmp: Path, files: dict, trainer_state: dict, step: int, keep: int) -> None:
+    """Rank 0, all files on disk: manifest, trainer state, rename, ``latest``, prune."""
+    run_id = trainer_state.get("run_id")
+    write_manifest(tmp, files, run_id=run_id, step=step)
+    atomic.write_json(tmp / STATE_FILE, dict(trainer_state, step=step))
+    _move_into_place(tmp, final)
+    _write_latest(root, final.name)
+    _prune(root, keep, run_id, protected={final})
+
+
+def _hash_my_share(tmp: Path) -> dict:
+    """This rank's share of the manifest's hashing (every rank sees the whole directory after the barrier)."""
+    names = listed_files(tmp)
+    return hash_files(tmp, names[dist.get_rank() :: dist.get_world_size()])
+
+
+def _gathered(share: dict) -> list:
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, share)
+    return shares
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Replace ``final`` (this run's own earlier save of the step) only once the new one is whole."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = atomic.temporary_sibling(final, "old")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_latest(root: Path, name: str) -> None:
     atomic.write_text(root / LATEST, name + "\n")
 
 
-def _prune(root: Path, keep: int) -> None:
+def _from_rank0(compute):
+    """``compute()`` on rank 0, its value on every rank (a decision all ranks must share)."""
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_UNKNOWN = object()
+
+
+def _owner(directory: Path):
+    """The run id recorded in a checkpoint (None for one written before run ids), or _UNKNOWN when neither its
+    trainer state nor its manifest can be read."""
+    for read in (read_trainer_state, read_manifest):
+        try:
+            recorded = read(directory)
+        except CheckpointError:
+            continue
+        if recorded is not None:
+            return recorded.get("run_id")
+    return _UNKNOWN
+
+
+def _ownership_conflict(final: Path, run_id) -> Optional[str]:
+    if not final.exists():
+        return None
+    owner = _owner(final)
+    if owner is _UNKNOWN or owner == run_id:
+        return None  # this run's own save of the step (a resumed run), or a wreck nobody can claim
+    return (
+        f"{final}: belongs to run {owner!r}, not to this run ({run_id!r}); refusing to overwrite it: "
+        f"use another checkpoint directory or remove it"
+    )
+
+
+# ---- failures -----------------------------------------------------------------------------------------------
+def _collectively(action, final: Path, tmp: Path, needed: Optional[int]):
+    """Run ``action`` on this rank and return its result. If it failed on any rank, rank 0 removes the
+    temporary directory (``latest`` and the older checkpoints are not touched) and every rank raises: ENOSPC
+    for a full disk, else its own error (or, where it succeeded, a RuntimeError saying another rank failed)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    failure, result = None, None
+    try:
+        result = action()
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+        failure = err
+    # NCCL reduces only CUDA tensors, gloo CPU ones.
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if failure is None else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return result
+    disk_full = (failure is not None and _mentions_no_space(failure)) or _disk_nearly_full(final)
+    dist.barrier()  # every rank has decided before the files it may have looked at go away
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if disk_full:
+        raise errors.os_error(errno.ENOSPC, final, needed_bytes=needed) from failure
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"saving {final} failed on another rank; {tmp} was removed, {LATEST} is unchanged")
+
+
+def _mentions_no_space(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain (causes, contexts, torch DCP's per-rank failures)."""
+    seen, pending = set(), [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(current) for text in _NO_SPACE_TEXT):
+            return True
+        pending += [current.__cause__, current.__context__]
+        pending += [pair[0] for pair in getattr(current, "failures", {}).values() if isinstance(pair, tuple)]
+    return False
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free < FULL_DISK_MARGIN
+    except OSError:
+        return False
+
+
+def _size_of_newest(root: Path) -> Optional[int]:
+    """Bytes of the newest complete checkpoint: what the next save will need, about."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return None
+    return sum(p.stat().st_size for p in complete[-1].rglob("*") if p.is_file())
+
+
+# ---- pruning ------------------------------------------------------------------------------------------------
+def _prune(root: Path, keep: int, run_id, protected=frozenset()) -> None:
+    """Remove this run's checkpoints beyond the ``keep`` newest that verify (sizes only), oldest step first.
+    Other runs' checkpoints, damaged ones newer than those kept, the ``protected`` ones and the one ``latest``
+    names are never removed."""
     if keep <= 0:
         return
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    protected = set(protected) | {root / _latest_name(root)}
+    own = []
+    for directory in complete_checkpoints(root):
+        try:
+            state = read_trainer_state(directory)
+        except CheckpointError:
+            continue  # unreadable: whose it is cannot be known
+        if state.get("run_id") == run_id:
+            own.append((state["step"], directory))
+    kept = 0
+    for _, directory in sorted(own, key=lambda entry: entry[0], reverse=True):
+        if kept >= keep and directory not in protected:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif _verifies(directory):
+            kept += 1
 
 
+def _latest_name(root: Path) -> str:
+    try:
+        return (root / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _verifies(directory: Path) -> bool:
+    try:
+        verify_checkpoint(directory, checksums=False)
+    except CheckpointError:
+        return False
+    return True
+
+
+# ---- resuming -----------------------------------------------------------------------------------------------
 def load_optimizer_and_rng(engine, path: Path) -> None:
     """This rank's ZeRO partition and RNG states; only valid for the layout and world size that saved them."""
     load_zero_partition(engine, _rank_file(Path(path), "optimizer"))
-    set_rng_state(torch.load(_rank_file(Path(path), "rng"), weights_only=True))
+    rng_file = _rank_file(Path(path), "rng")
+    set_rng_state(load_weights_only(rng_file, str(rng_file)))

@@ -147,11 +147,14 @@ def save_zero_partition(engine, path) -> None:
 
 
 def load_zero_partition(engine, path) -> None:
-    """The partition ``save_zero_partition`` wrote, for the same layout and world size; ``weights_only``."""
+    """The partition ``save_zero_partition`` wrote, for the same layout and world size; ``weights_only`` (with
+    the plain DeepSpeed classes allowed): a refused or unreadable file is a CheckpointError naming it."""
     from megatron.core import parallel_state as ps
 
+    from megatron_qsparse.model.safe_load import load_weights_only
+
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        state = torch.load(path, weights_only=True)
+        state = load_weights_only(path, str(path))
     states = [None] * ps.get_data_parallel_world_size()  # DeepSpeed takes one entry per data-parallel rank
     states[ps.get_data_parallel_rank()] = state
     engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)

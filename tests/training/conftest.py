@@ -1,6 +1,7 @@
 """Run the training command exactly as users do (``torchrun ... pretrain_scripts/pretrain_qsparse.py``) on the
 shared ``corpus`` fixture (tests/conftest.py), and read what it wrote."""
 
+import contextlib
 import json
 import os
 import signal
@@ -118,3 +119,31 @@ def assert_same_trajectory(reference_dir: Path, run_dir: Path, steps: int) -> No
         for step, (a, b) in enumerate(zip(reference, run), 1):
             bound = (first_tol if step == 1 else tol) * abs(a[key])
             assert abs(a[key] - b[key]) <= bound, f"{run_dir.name} step {step} {key}: {b[key]} vs {a[key]}"
+
+
+GROUP_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A one-rank gloo group in this process (reused if one exists), its environment restored afterwards so that
+    training subprocesses started later do not inherit it."""
+    import torch.distributed as dist
+
+    from megatron_qsparse.parallel.ports import free_port
+
+    saved = {k: os.environ.get(k) for k in GROUP_ENV}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -73,15 +73,15 @@ def test_torn_checkpoints_are_never_latest(tmp_path):
         (d / "trainer_state.json").write_text(json.dumps({"step": step}))
         return d
 
-    assert find_latest(root) is None
+    assert find_latest(root, verify=False) is None
     good = complete(4)
     (root / ".tmp-step_0000008" / "model").mkdir(parents=True)  # killed while saving
     (root / "step_0000012" / "model").mkdir(parents=True)  # no trainer_state.json: incomplete
-    assert find_latest(root) == good
+    assert find_latest(root, verify=False) == good
     (root / "latest").write_text("step_0000012\n")  # pointer to an incomplete directory
-    assert find_latest(root) == good
+    assert find_latest(root, verify=False) == good
     newer = complete(16)
     (root / "latest").write_text("step_0000004\n")  # the pointer wins when it names a complete checkpoint
-    assert find_latest(root) == good
+    assert find_latest(root, verify=False) == good
     (root / "latest").unlink()
-    assert find_latest(root) == newer
+    assert find_latest(root, verify=False) == newer

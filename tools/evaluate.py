@@ -8,9 +8,14 @@ Without ``--data`` it uses the held-out split of the default corpus (fetched and
 Multiple choice: for each passage, the context is its first words and the right answer its next words; the
 three distractors are the same-length continuations of other passages. A choice's score is the mean log-probability
 of its tokens given the context; chance is 25%.
+
+Exit status (one line on stderr naming the path): 2 bad usage, 65 a ``--data`` line that is not a JSON object
+with a "text" string, or an export without a tokenizer, 66 ``--model`` (its config.json) or ``--data`` does not
+exist, 74 the default corpus could not be fetched (no ``--data``).
 """
 
 import argparse
+import errno
 import json
 import math
 import random
@@ -21,20 +26,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from megatron_qsparse.errors import EXIT_IO, DataError, UserError, os_error, run_command  # noqa: E402
+
 
 def load(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import megatron_qsparse.hf  # noqa: F401  (registers the qsparse model type)
+    from megatron_qsparse.data.tokenizer import TOKENIZER_FILES
 
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(
+            f"{model_dir}: the export has no tokenizer ({', '.join(TOKENIZER_FILES)}); export it again with "
+            "tools/convert_to_hf.py --tokenizer DIR"
+        )
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return model, tokenizer
 
 
+def check_export(model: Path) -> None:
+    """An export is a directory with a config.json: a missing one is named before anything loads."""
+    if model.exists() and not model.is_dir():
+        raise os_error(errno.ENOTDIR, model)
+    if not (model / "config.json").is_file():
+        raise os_error(errno.ENOENT, model / "config.json")
+
+
+class CorpusUnavailable(UserError):
+    exit_code = EXIT_IO
+
+
+def default_heldout() -> Path:
+    from megatron_qsparse.data.corpus import CorpusError, fetch_default_corpus
+
+    try:
+        return fetch_default_corpus(log=lambda m: None).heldout
+    except CorpusError as err:
+        raise CorpusUnavailable(f"the default corpus could not be built: {err}; or pass --data FILE") from None
+
+
 def documents(path: Path, limit: int):
-    texts = [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return texts[:limit]
+    texts = []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, 1):
+            if len(texts) == limit:
+                break
+            if line.strip():
+                texts.append(_text_of(line, path, number))
+    return texts
+
+
+def _text_of(line: str, path: Path, number: int) -> str:
+    try:
+        text = json.loads(line)["text"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        text = None
+    if not isinstance(text, str):
+        raise DataError(f'{path}:{number}: expected a JSON object with a "text" string')
+    return text
 
 
 def heldout_loss(model, tokenizer, texts, seq_length: int):
@@ -111,6 +161,10 @@ def measured_sparsity(model):
 
 
 def main(argv=None) -> int:
+    return run_command(_main, argv, "evaluate.py")
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--data", type=Path, help="held-out JSON lines with a 'text' field")
@@ -119,15 +173,16 @@ def main(argv=None) -> int:
     parser.add_argument("--choices", type=int, default=40, help="number of multiple-choice items")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    check_export(args.model)
     if args.data is None:
-        from megatron_qsparse.data.corpus import fetch_default_corpus
-
-        args.data = fetch_default_corpus(log=lambda m: None).heldout
+        args.data = default_heldout()
+    texts = documents(args.data, args.max_docs)  # a bad --data fails before the model loads
+    if not texts:
+        raise DataError(f'{args.data}: no documents (JSON lines with a "text" field)')
     model, tokenizer = load(args.model)
     for module in model.modules():
         if hasattr(module, "record"):
             module.record = True
-    texts = documents(args.data, args.max_docs)
     loss, bpb, tokens = heldout_loss(model, tokenizer, texts, args.seq_length)
     sparsity, n_block, n_active = measured_sparsity(model)
     accuracy = choice_accuracy(model, tokenizer, choice_items(texts, count=args.choices))

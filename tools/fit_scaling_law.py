@@ -11,19 +11,23 @@ The fit: Huber loss (δ = 1e-3) on log residuals, L-BFGS-B from a grid of (α, �
 squares at each (megatron_qsparse/sparsity/scaling_law.py). S* minimizes A(S)·(1 − S)^α, the part of the
 inference-optimal form L(N_a, S) = E + A(S)·((1 − S)/N_a)^α that depends on S; N/N_a = 1/(1 − S*) there.
 ``--paper`` reports what the paper's published (rounded) constants give, beside the optima it reports.
-Exit status 2 on bad input, with the file, row and column named.
+Exit status (one line on stderr): 2 bad input, with the file, row and column named; 66 RESULTS.csv does not
+exist; 73 the ``--plot`` directory cannot be written (read-only, permission denied); 74 no space left.
 """
 
 import argparse
 import csv
+import errno
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from megatron_qsparse.errors import EXIT_NO_INPUT, UserError, os_error, run_command  # noqa: E402
 from megatron_qsparse.sparsity.scaling_law import (  # noqa: E402
     HUBER_DELTA,
     PAPER_CONSTANTS,
@@ -38,14 +42,27 @@ TRUE = {"1", "true", "yes", "bitnet"}
 FALSE = {"", "0", "false", "no", "fp", "none"}
 
 
-class InputError(ValueError):
-    pass
+class InputError(UserError, ValueError):
+    """A results file the fit cannot use; the message names the file, row and column."""
+
+
+class MissingResults(InputError):
+    exit_code = EXIT_NO_INPUT
 
 
 def read_results(path: Path, bitnet: bool):
     """(N, S, loss) arrays of the rows of the chosen precision; every row checked, errors name file:row."""
+    if path.is_dir():
+        raise InputError(f"{path}: a directory; give the CSV file (tools/sweep.py writes OUTPUT/results.csv)")
     if not path.is_file():
-        raise InputError(f"{path}: no such file (tools/sweep.py writes results.csv in its output directory)")
+        raise MissingResults(f"{path}: no such file (tools/sweep.py writes results.csv in its output directory)")
+    try:
+        return _read_rows(path, bitnet)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{path}: not a UTF-8 CSV file ({err})") from None
+
+
+def _read_rows(path: Path, bitnet: bool):
     with open(path, newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
@@ -148,7 +165,21 @@ def plot(law: Law, N, S, loss, s_star: float, directory: Path) -> list:
     return written
 
 
+def check_plot_directory(directory: Path) -> None:
+    """An unwritable ``--plot`` directory is named before the fit runs."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:  # EEXIST: it, or a parent, is a file
+        raise os_error(errno.ENOTDIR if err.errno == errno.EEXIST else err.errno, directory) from None
+
+
 def main(argv=None) -> int:
+    return run_command(_main, argv, "fit_scaling_law.py")
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", type=Path, help="CSV with columns N, S, loss [tokens, bitnet, seed]")
     parser.add_argument("--bitnet", action="store_true", help="fit the BitNet b1.58 rows (default: full precision)")
@@ -167,13 +198,11 @@ def main(argv=None) -> int:
         return 0
     if args.results is None:
         parser.print_usage(sys.stderr)
-        print("error: give RESULTS.csv or --paper", file=sys.stderr)
+        print("fit_scaling_law.py: error: give RESULTS.csv or --paper", file=sys.stderr)
         return 2
-    try:
-        N, S, loss = read_results(args.results, args.bitnet)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    N, S, loss = read_results(args.results, args.bitnet)
+    if args.plot:
+        check_plot_directory(args.plot)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
     fitted = fit_with_intervals(N, S, loss, bootstrap=args.bootstrap, seed=args.seed, progress=log)
     report = dict(fitted.as_dict(), precision="BitNet b1.58" if args.bitnet else "full precision")

@@ -7,15 +7,21 @@
 The text goes to stdout as each token arrives; the last line (stderr) gives prefill and decode tokens/s. With
 ``--json`` nothing streams: one JSON object (text, token ids, counts, tokens/s) is printed at the end. Greedy
 unless ``--temperature`` > 0. Generation stops at ``--max-new-tokens`` or the tokenizer's end-of-document token
-(``--ignore-eos`` to go on). Exit status 2 on bad input (missing export, prompt longer than the cache, ...).
+(``--ignore-eos`` to go on).
+
+Exit status (one line on stderr naming the path): 2 bad input (a prompt longer than the cache, bad ``--prompt-ids``,
+an export the engine cannot run, ...), 66 the export (its config.json) does not exist.
 """
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_qsparse.errors import UserError, os_error, run_command  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +48,7 @@ def load_tokenizer_of(model: Path, required: bool):
 
     if not any((model / name).exists() for name in TOKENIZER_FILES):
         if required:
-            raise ValueError(
+            raise UserError(
                 f"{model} has no tokenizer ({', '.join(TOKENIZER_FILES)}); pass --prompt-ids, or "
                 "export with tools/convert_to_hf.py --tokenizer DIR"
             )
@@ -66,42 +72,50 @@ class TextStream:
         self.shown = text
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from megatron_qsparse.inference.engine import Engine, EngineError
+def check_export(model: Path) -> None:
+    """An export is a directory with a config.json: a missing one is named before anything loads."""
+    if model.exists() and not model.is_dir():
+        raise os_error(errno.ENOTDIR, model)
+    if not (model / "config.json").is_file():
+        raise os_error(errno.ENOENT, model / "config.json")
 
-    try:
-        tokenizer = load_tokenizer_of(args.model, required=args.prompt is not None)
-        if args.prompt is not None:
-            ids = tokenizer.tokenize(args.prompt)
-        else:
-            try:
-                ids = [int(i) for i in args.prompt_ids.split(",") if i.strip()]
-            except ValueError:
-                raise ValueError(f"--prompt-ids {args.prompt_ids!r}: give comma-separated integers") from None
-        engine = Engine.from_pretrained(
-            args.model, dtype=args.dtype, threads=args.threads, max_seq_len=args.max_seq_len
-        )
-        eos = None if args.ignore_eos or tokenizer is None else tokenizer.eod
-        stream = None
-        if not args.json and tokenizer is not None:
-            sys.stdout.write(args.prompt if args.prompt is not None else tokenizer.detokenize(ids))
-            stream = TextStream(tokenizer)
-        elif not args.json:
-            stream = lambda token: print(token, end=" ", flush=True)  # noqa: E731
-        new = engine.generate(
-            ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            eos_token_id=eos,
-            on_token=stream,
-        )
-    except (EngineError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+def main(argv=None) -> int:
+    return run_command(_main, argv, "generate.py")
+
+
+def _main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_qsparse.inference.engine import Engine
+
+    check_export(args.model)
+    # EngineError (bad input) and the other project errors: one line, exit 2, by run_command.
+    tokenizer = load_tokenizer_of(args.model, required=args.prompt is not None)
+    if args.prompt is not None:
+        ids = tokenizer.tokenize(args.prompt)
+    else:
+        try:
+            ids = [int(i) for i in args.prompt_ids.split(",") if i.strip()]
+        except ValueError:
+            raise UserError(f"--prompt-ids {args.prompt_ids!r}: give comma-separated integers") from None
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, threads=args.threads, max_seq_len=args.max_seq_len)
+    eos = None if args.ignore_eos or tokenizer is None else tokenizer.eod
+    stream = None
+    if not args.json and tokenizer is not None:
+        sys.stdout.write(args.prompt if args.prompt is not None else tokenizer.detokenize(ids))
+        stream = TextStream(tokenizer)
+    elif not args.json:
+        stream = lambda token: print(token, end=" ", flush=True)  # noqa: E731
+    new = engine.generate(
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=eos,
+        on_token=stream,
+    )
     s = engine.stats
     if args.json:
         print(

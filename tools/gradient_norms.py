@@ -11,14 +11,21 @@ checkpoint); nothing is updated. The fused megatron-core weights are split as th
 (q/k/v of the grouped QKV, gate/up of the GLU), so the norms are per projection. ``--ste off`` / ``--ste on``
 take the gradient of the same weights with the estimator switched (off: the top-K mask also gates the gradient
 passed to the layer below), which isolates the estimator's effect from what training made of the weights.
+
+Exit status (one line on stderr naming the path): 2 bad usage (``--label`` count, more tokens asked for than
+``--data`` holds), 65 no complete checkpoint in a CHECKPOINT directory or a damaged corpus, 66 a CHECKPOINT or
+the ``--data`` .bin/.idx does not exist, 73 ``--csv``/``--plot`` cannot be written (read-only, permission
+denied), 74 no space left.
 """
 
 import argparse
 import csv
 import dataclasses
+import errno
 import io
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from megatron_qsparse.errors import UserError, os_error, run_command  # noqa: E402
 from megatron_qsparse.parallel.cpu_compat import silence_gpu_stack_notices  # noqa: E402
 
 silence_gpu_stack_notices()
@@ -45,6 +53,7 @@ def token_batches(prefix: str, batches: int, batch_size: int, seq_length: int):
     """``batches`` [batch_size, seq_length + 1] windows of consecutive tokens from the start of a .bin/.idx."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    check_corpus(prefix)
     dataset = IndexedDataset(prefix)
     need = batches * batch_size * (seq_length + 1)
     pieces, have = [], 0
@@ -54,19 +63,30 @@ def token_batches(prefix: str, batches: int, batch_size: int, seq_length: int):
         if have >= need:
             break
     if have < need:
-        raise ValueError(f"{prefix}: {have} tokens, fewer than the {need} asked for; lower --batches/--batch-size")
+        raise UserError(f"{prefix}: {have} tokens, fewer than the {need} asked for; lower --batches/--batch-size")
     tokens = torch.from_numpy(np.concatenate(pieces)[:need])
     return tokens.view(batches, batch_size, seq_length + 1)
 
 
+def check_corpus(prefix: str) -> None:
+    """The .bin/.idx exist and the .idx is megatron-core's: else one line (66, 65), not an assertion."""
+    from megatron_qsparse.data.gpt_data import token_dtype
+
+    for suffix in (".idx", ".bin"):
+        if not Path(prefix + suffix).is_file():
+            raise os_error(errno.ENOENT, prefix + suffix)
+    token_dtype(prefix + ".idx")
+
+
 def projection_norms(checkpoint: Path, data: str, batches: int, batch_size: int, ste: str = "checkpoint") -> dict:
+    from megatron_qsparse.hf.convert import input_checkpoint
     from megatron_qsparse.hf.weights import hf_to_stock, megatron_to_hf
-    from megatron_qsparse.model.checkpoint import load_model, read_model_config, read_trainer_state, resolve_checkpoint
+    from megatron_qsparse.model.checkpoint import load_model, read_model_config, read_trainer_state
     from megatron_qsparse.model.gpt import build_gpt_model
     from megatron_qsparse.parallel.state import single_process_model_parallel
     from megatron_qsparse.training.step import lm_loss
 
-    path = resolve_checkpoint(checkpoint)
+    path = input_checkpoint(checkpoint)
     cfg = read_model_config(path)
     if ste != "checkpoint":
         cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, ste=ste == "on"))
@@ -96,6 +116,16 @@ def projection_norms(checkpoint: Path, data: str, batches: int, batch_size: int,
     }
 
 
+def check_output_file(path: Path) -> None:
+    """An output that cannot be written is named now, not after the gradients are computed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:  # EEXIST: a parent is a file
+        raise os_error(errno.ENOTDIR if err.errno == errno.EEXIST else err.errno, path) from None
+
+
 def plot(series: dict, out: Path, ylabel: str = "gradient L2 norm") -> None:
     """One panel per projection, the norm against the layer (bottom first); ``series``: label -> the
     ``grad_norm`` mapping (projection -> norms per layer) of one measurement."""
@@ -123,6 +153,10 @@ def plot(series: dict, out: Path, ylabel: str = "gradient L2 norm") -> None:
 
 
 def main(argv=None) -> int:
+    return run_command(_main, argv, "gradient_norms.py")
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--data", required=True, help="a .bin/.idx prefix (held-out tokens)")
@@ -138,13 +172,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     labels = args.label or [c.resolve().parent.name if c.name == "checkpoints" else c.name for c in args.checkpoints]
     if len(labels) != len(args.checkpoints):
-        print(f"error: {len(labels)} --label for {len(args.checkpoints)} checkpoints", file=sys.stderr)
-        return 2
-    try:
-        results = [projection_norms(c, args.data, args.batches, args.batch_size, args.ste) for c in args.checkpoints]
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(f"{len(labels)} --label for {len(args.checkpoints)} checkpoints; give one per checkpoint")
+    # Every input and output is checked before the first checkpoint loads.
+    for checkpoint in args.checkpoints:
+        if not checkpoint.exists():
+            raise os_error(errno.ENOENT, checkpoint)
+    for output in (args.csv, args.plot):
+        if output is not None:
+            check_output_file(output)
+    check_corpus(args.data)
+    results = [projection_norms(c, args.data, args.batches, args.batch_size, args.ste) for c in args.checkpoints]
     rows = [
         (label, r["step"], layer + 1, short, norms[layer])
         for label, r in zip(labels, results)

@@ -28,10 +28,16 @@ the last step, loss the held-out loss of the final evaluation. ``tools/fit_scali
 
 On Slurm, ``slurm/sweep.sh`` runs one grid point per array task (``--index $SLURM_ARRAY_TASK_ID``), and
 ``--collect`` rewrites results.csv from what the tasks finished.
+
+Exit status (problems are one line on stderr naming the file or key): 0 every run finished, 1 a run failed (its
+train.log says why), 2 a bad sweep file or run config, 66 the sweep file does not exist, 73 the output directory
+cannot be created or written (read-only, permission denied), 74 no space left, 75 stopped by a signal (the
+trainers checkpointed; run the same command again to resume).
 """
 
 import argparse
 import csv
+import errno
 import io
 import itertools
 import json
@@ -39,6 +45,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,15 +63,16 @@ from megatron_qsparse.parallel.cpu_compat import silence_gpu_stack_notices  # no
 silence_gpu_stack_notices()
 
 from megatron_qsparse import atomic  # noqa: E402
+from megatron_qsparse.errors import EXIT_PREEMPTED, UserError, os_error, run_command  # noqa: E402
 
-EXIT_STOPPED = 75
+EXIT_STOPPED = EXIT_PREEMPTED
 KEYS = {"base", "output", "set", "grid", "processes", "jobs"}
 COLUMNS = ["name", "N", "N_a", "S", "S_realized", "loss", "train_loss", "tokens", "bitnet", "block_size", "seed"]
 COLUMNS += ["steps", "wall_s"]
 
 
-class SweepError(ValueError):
-    pass
+class SweepError(UserError, ValueError):
+    """A sweep file or grid point that cannot run; the message names the file and the key."""
 
 
 @dataclass
@@ -95,12 +103,14 @@ def _label(value) -> str:
 
 def load_sweep(path: Path) -> Sweep:
     path = Path(path)
+    if not path.exists():
+        raise os_error(errno.ENOENT, path)
     if not path.is_file():
-        raise SweepError(f"{path}: no such sweep file")
+        raise SweepError(f"{path}: not a file; give the sweep's YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path}: not valid YAML: {err}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SweepError(f"{path}: not valid YAML: {_one_line(err)}") from None
     unknown = sorted(set(data) - KEYS) if isinstance(data, dict) else ["<not a mapping>"]
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {unknown}; a sweep file has {sorted(KEYS)}")
@@ -138,6 +148,20 @@ def load_sweep(path: Path) -> Sweep:
     output = output if output.is_absolute() else REPO / output
     common = list(data.get("set") or [])
     return Sweep(path, base, output, common, runs, int(data.get("processes", 1)), int(data.get("jobs", 1)), list(grid))
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def check_output(sweep: Sweep) -> None:
+    """The output directory exists and takes new files: an unwritable one is named before any run starts."""
+    try:
+        sweep.output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=sweep.output):
+            pass
+    except OSError as err:  # EEXIST: it, or a parent, is a file
+        raise os_error(errno.ENOTDIR if err.errno == errno.EEXIST else err.errno, sweep.output) from None
 
 
 def run_config(sweep: Sweep, run: Run):
@@ -290,6 +314,10 @@ class Runner:
 
 
 def main(argv=None) -> int:
+    return run_command(_main, argv, "sweep.py")
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="the sweep's YAML file")
     parser.add_argument("--jobs", type=int, help="runs at a time on this machine (default: the file's jobs, or 1)")
@@ -297,20 +325,17 @@ def main(argv=None) -> int:
     parser.add_argument("--index", type=int, action="append", help="run only this grid point (0-based; repeatable)")
     parser.add_argument("--collect", action="store_true", help="only rewrite results.csv from finished runs")
     args = parser.parse_args(argv)
-    try:
-        sweep = load_sweep(args.sweep)
-        check_configs(sweep)
-        for index in args.index or []:
-            if not 0 <= index < len(sweep.runs):
-                raise SweepError(f"--index {index}: the sweep has runs 0..{len(sweep.runs) - 1}")
-    except SweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    sweep = load_sweep(args.sweep)
+    check_configs(sweep)
+    for index in args.index or []:
+        if not 0 <= index < len(sweep.runs):
+            raise SweepError(f"--index {index}: the sweep has runs 0..{len(sweep.runs) - 1}")
     if args.list:
         for i, run in enumerate(sweep.runs):
             done = (run.directory(sweep.output) / "result.json").is_file()
             print(f"{i}\t{run.name}\t{'finished' if done else 'todo'}")
         return 0
+    check_output(sweep)
     if args.collect:
         print(f"wrote {write_results(sweep)}")
         return 0

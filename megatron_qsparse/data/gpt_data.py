@@ -1,13 +1,30 @@
 """Training data: megatron-core's GPTDataset over .bin/.idx blends, a prompt/response SFT dataset, and the
-deterministic order in which a data-parallel rank reads its microbatches (resumable by step)."""
+deterministic order in which a data-parallel rank reads its microbatches (resumable by step).
 
+Two guards sit in front of megatron-core, which would otherwise fail far from the cause (an IndexError deep in
+its dataset): the index cache is keyed by the corpus files themselves (:func:`corpus_cache_dir`), so a corpus
+rewritten at the same prefix rebuilds its indices; and :func:`check_corpus_tokenizer` refuses a corpus made
+with another tokenizer before training starts."""
+
+import hashlib
 import json
+import os
+import struct
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from megatron_qsparse.data.indexed import read_corpus_meta
+from megatron_qsparse.data.tokenizer import tokenizer_fingerprint
+from megatron_qsparse.errors import DataError
+from megatron_qsparse.parallel.rank0 import on_rank_0
+
 BATCH_KEYS = ("tokens", "labels", "loss_mask")
+# Bytes read at a time by the token-id scan: bounded memory whatever the corpus size.
+SCAN_CHUNK_BYTES = 32 * 2**20
+PREPROCESS_HINT = "rerun tools/preprocess_data.py with data.tokenizer"
 
 
 def build_gpt_datasets(
@@ -21,7 +38,8 @@ def build_gpt_datasets(
     cache_dir: Path,
 ):
     """(train, valid) GPTDatasets; ``valid`` is None without held-out prefixes. Every rank builds them; the
-    index cache is written by global rank 0 first (megatron-core's builder orders that)."""
+    index cache (under ``cache_dir``, in a sub-directory named by the corpus files' identity) is written by
+    global rank 0 first (megatron-core's builder orders that)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -42,11 +60,12 @@ def build_gpt_datasets(
             "eod": tokenizer.eod,
         }
 
+    prefixes = [p for _, p in [*train_blend, *valid_blend]]
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend_per_split=[blend(train_blend), blend(valid_blend), None],
-        path_to_cache=str(cache_dir),
+        path_to_cache=str(corpus_cache_dir(cache_dir, prefixes)),
         tokenizer=DatasetTokenizer(),
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -56,6 +75,112 @@ def build_gpt_datasets(
     sizes = [train_samples, valid_samples if valid_blend else None, None]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return train, valid
+
+
+def corpus_cache_dir(cache_dir: Path, prefixes: Sequence[str]) -> Path:
+    """The directory megatron-core caches its sample indices in: ``cache_dir/corpus-<hash>``, the hash of every
+    prefix's .bin and .idx (absolute path, size, mtime). megatron-core names its cache files by a hash of the
+    dataset config alone, which does not see the corpus content: without this, a corpus rewritten at the same
+    prefix would be read through the old corpus's indices. Hashed on rank 0: it writes the cache the others read,
+    so they must use its directory even where the corpus is a per-node copy with other modification times."""
+    return Path(cache_dir) / f"corpus-{on_rank_0(corpus_identity, prefixes)}"
+
+
+def corpus_identity(prefixes: Sequence[str]) -> str:
+    """A short hash of the corpus files' identity; a missing file raises its OSError (one line, exit 66)."""
+    digest = hashlib.sha256()
+    for prefix in sorted(set(prefixes)):
+        for suffix in (".bin", ".idx"):
+            path = os.path.abspath(f"{prefix}{suffix}")
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def check_corpus_tokenizer(prefixes: Sequence[str], tokenizer, vocab_size: int, source_key: str) -> None:
+    """Refuse a corpus the model cannot read, with a one-line :class:`DataError` naming the prefix and
+    ``source_key`` (``data.train`` / ``data.valid``): one whose ``PREFIX.meta.json`` names another tokenizer
+    than ``tokenizer``, or (always checked, sidecar or not) one holding a token id the model's embedding
+    (``vocab_size`` rows) or the tokenizer does not have. In a distributed job every rank calls it (it is a
+    collective): global rank 0 reads the corpus and every rank raises the same error."""
+    on_rank_0(_check_corpus, prefixes, tokenizer, vocab_size, source_key)
+
+
+def _check_corpus(prefixes: Sequence[str], tokenizer, vocab_size: int, source_key: str) -> None:
+    current = None  # the tokenizer's fingerprint hashes its whole vocabulary: once, and only for a sidecar
+    for prefix in prefixes:
+        meta = read_corpus_meta(str(prefix))  # None: made before sidecars (the id scan still guards it)
+        if meta is not None:
+            current = current or tokenizer_fingerprint(tokenizer)
+            _check_recorded_tokenizer(str(prefix), meta, current, source_key)
+        _check_token_ids(str(prefix), tokenizer, vocab_size, source_key)
+
+
+def _check_recorded_tokenizer(prefix: str, meta: dict, current: dict, source_key: str) -> None:
+    recorded = meta.get("tokenizer") or {}
+    differs = recorded.get("vocab_size") != current["vocab_size"]
+    if recorded.get("vocab_sha256") and current.get("vocab_sha256"):
+        differs = differs or recorded["vocab_sha256"] != current["vocab_sha256"]
+    if differs:
+        raise DataError(
+            f"{source_key}: corpus {prefix} was made with tokenizer {_describe(recorded)} but data.tokenizer is "
+            f"{_describe(current)}; {PREPROCESS_HINT}, or set data.tokenizer to {recorded.get('path')}"
+        )
+
+
+def _describe(fingerprint: dict) -> str:
+    sha = fingerprint.get("vocab_sha256")
+    return (
+        f"{fingerprint.get('path') or '(unnamed)'} ({fingerprint.get('vocab_size')} tokens"
+        + (f", vocab sha256 {sha[:12]}" if sha else "")
+        + ")"
+    )
+
+
+def _check_token_ids(prefix: str, tokenizer, vocab_size: int, source_key: str) -> None:
+    largest = max_token_id(prefix)
+    limit = min(vocab_size, tokenizer.vocab_size)
+    if largest is not None and largest >= limit:
+        raise DataError(
+            f"{source_key}: corpus {prefix} holds token id {largest} but the vocabulary has {limit} ids "
+            f"(model.vocab_size {vocab_size}, data.tokenizer {tokenizer.vocab_size} tokens): was it made with "
+            f"another tokenizer? {PREPROCESS_HINT}"
+        )
+
+
+def max_token_id(prefix: str) -> Optional[int]:
+    """The largest token id in ``PREFIX.bin`` (None when it is empty), read in bounded chunks in the dtype
+    the .idx header records."""
+    dtype = np.dtype(token_dtype(f"{prefix}.idx"))
+    path = f"{prefix}.bin"
+    size = os.stat(path).st_size
+    if size % dtype.itemsize:
+        raise DataError(
+            f"{path}: {size} bytes is not a whole number of {dtype.name} tokens (the .idx says {dtype.name}): "
+            f"the .bin and .idx do not belong together; rerun tools/preprocess_data.py"
+        )
+    chunk = bytearray(SCAN_CHUNK_BYTES - SCAN_CHUNK_BYTES % dtype.itemsize)
+    largest = None
+    with open(path, "rb") as stream:
+        while filled := stream.readinto(chunk):
+            value = int(np.frombuffer(chunk, dtype=dtype, count=filled // dtype.itemsize).max())
+            largest = value if largest is None else max(largest, value)
+    return largest
+
+
+def token_dtype(idx_path: str) -> type:
+    """The token dtype recorded in a megatron-core .idx header (its DType code)."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    with open(idx_path, "rb") as stream:
+        header = stream.read(len(_INDEX_HEADER) + 9)
+    if len(header) < len(_INDEX_HEADER) + 9 or not header.startswith(_INDEX_HEADER):
+        raise DataError(f"{idx_path}: not a megatron-core index (bad header); rerun tools/preprocess_data.py")
+    (version,) = struct.unpack("<Q", header[len(_INDEX_HEADER) : len(_INDEX_HEADER) + 8])
+    code = header[-1]
+    if version != 1 or code not in {d.value for d in DType}:
+        raise DataError(f"{idx_path}: unsupported index version {version} or dtype code {code}; rerun preprocessing")
+    return DType.dtype_from_code(code)
 
 
 class SFTDataset(torch.utils.data.Dataset):

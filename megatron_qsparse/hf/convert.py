@@ -4,13 +4,16 @@ our checkpoint. The config and tensor mappings they apply: ``config_mapping.py``
 directory is written atomically (``megatron_qsparse.atomic``) and an existing non-empty one is refused.
 """
 
+import contextlib
+import errno
 import importlib
 import inspect
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from megatron_qsparse.atomic import atomic_directory, write_json
+from megatron_qsparse.atomic import atomic_directory, temporary_sibling, write_json
+from megatron_qsparse.errors import EXIT_CANT_CREATE, CheckpointError, DataError, UserError, os_error
 from megatron_qsparse.hf.config_mapping import config_from_stock, hf_config_from, stock_config_from
 from megatron_qsparse.hf.weights import (
     Tensors,
@@ -28,6 +31,113 @@ from megatron_qsparse.model.checkpoint import (
     resolve_checkpoint,
 )
 from megatron_qsparse.model.config import QSparseConfig
+from megatron_qsparse.model.manifest import write_manifest
+
+# ---- inputs and the output directory: one-line errors that name the path --------------------------------------
+# How safetensors (Rust) and torch word ENOSPC when they raise without an errno.
+DISK_FULL_MARKERS = ("No space left on device", "StorageFull", "os error 28")
+
+
+class OutputExistsError(UserError):
+    """The output directory already holds something; it is never overwritten."""
+
+    exit_code = EXIT_CANT_CREATE
+
+
+def input_checkpoint(path: Path) -> Path:
+    """The checkpoint to read: ``path`` itself or the newest complete one under it. A path that does not exist
+    is a missing input (exit 66); a directory without a complete checkpoint is bad data (exit 65)."""
+    path = Path(path)
+    if not path.exists():
+        raise os_error(errno.ENOENT, path)
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError as err:
+        if err.errno is not None:
+            raise
+        raise CheckpointError(str(err)) from None
+
+
+def input_directory(path: Path, required_file: Optional[str] = None) -> Path:
+    """An input directory that exists (and holds ``required_file``), else the OSError naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise os_error(errno.ENOENT if not path.exists() else errno.ENOTDIR, path)
+    if required_file and not (path / required_file).is_file():
+        raise os_error(errno.ENOENT, path / required_file)
+    return path
+
+
+def _input_tokenizer(path: Path) -> None:
+    from megatron_qsparse.data.tokenizer import TOKENIZER_FILES
+
+    if not any((input_directory(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"--tokenizer {path}: not a tokenizer directory (none of {', '.join(TOKENIZER_FILES)})")
+
+
+def check_output_directory(output: Path) -> None:
+    """Fail now, before a slow load, if ``output`` cannot be written: it exists and is not empty (73), a parent
+    is a file (66, the file named), or its location refuses a new directory (73 read-only or permission denied,
+    74 full)."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise OutputExistsError(f"{output} exists and is not empty; choose a new output directory")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe = temporary_sibling(output, "probe")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        in_the_way = next((p for p in output.absolute().parents if p.exists() and not p.is_dir()), None)
+        if in_the_way is not None:
+            raise os_error(errno.ENOTDIR, in_the_way) from None
+        raise os_error(err.errno, output) from None
+
+
+@contextlib.contextmanager
+def writing_output(output: Path) -> Iterator[None]:
+    """Errors while writing ``output`` name it, not its hidden staging sibling; a full disk reported by a
+    library without an errno (safetensors, torch) becomes the ENOSPC it is."""
+    output = Path(output)
+    try:
+        yield
+    except FileExistsError as err:
+        if err.errno is None:  # atomic_directory's refusal of a non-empty output
+            raise OutputExistsError(str(err)) from None
+        raise
+    except OSError as err:
+        if err.errno is None or not _about_output(err, output):
+            raise
+        raise os_error(err.errno, output) from None
+    except Exception as err:
+        if _disk_full(err):
+            raise os_error(errno.ENOSPC, output) from None
+        raise
+
+
+def _about_output(err: OSError, output: Path) -> bool:
+    """Whether ``err`` is about ``output`` or its staging sibling (``.NAME.tmp-...``), not about an input."""
+    if not err.filename:
+        return True
+    path = Path(err.filename).absolute()
+    target = output.absolute()
+    return (
+        path == target
+        or target in path.parents
+        or any(p.name.startswith(f".{target.name}.") for p in [path, *path.parents])
+    )
+
+
+def _disk_full(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(marker in str(err) for marker in DISK_FULL_MARKERS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # ---- export --------------------------------------------------------------------------------------------------
@@ -64,7 +174,7 @@ def save_hf_model(
     """Write an HF checkpoint (safetensors + config + code files + tokenizer) atomically into ``output``."""
     from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM
 
-    with atomic_directory(output) as tmp:
+    with writing_output(output), atomic_directory(output) as tmp:
         hf_state = megatron_to_hf(state, cfg)
         if stock_format:
             _save_stock(hf_state, cfg, tmp)
@@ -105,6 +215,12 @@ def _save_stock(hf_state: Tensors, cfg: QSparseConfig, directory: Path) -> None:
 def export_checkpoint(
     checkpoint: Path, output: Path, tokenizer: Optional[Path] = None, stock_format: bool = False, log=print
 ) -> Path:
+    # The cheap checks first: verifying and loading a large checkpoint takes minutes.
+    if not Path(checkpoint).exists():
+        raise os_error(errno.ENOENT, checkpoint)
+    if tokenizer is not None:
+        _input_tokenizer(tokenizer)
+    check_output_directory(output)
     state, cfg, trainer_state = load_megatron_state(checkpoint)
     log(
         f"loaded {checkpoint}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, sparsity {cfg.sparsity.ratios()}"
@@ -120,9 +236,10 @@ def export_checkpoint(
 def import_stock(hf_dir: Path, output: Path, log=print) -> Path:
     """A dense Llama / Mistral / Qwen2 directory -> our checkpoint (and its tokenizer beside it)."""
     hf_dir = Path(hf_dir)
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = read_stock_config(hf_dir)
     cfg = config_from_stock(config, str(hf_dir / "config.json"))
-    stock = read_safetensors_dir(hf_dir)
+    check_output_directory(output)
+    stock = _read_stock_weights(hf_dir)
     if cfg.tie_embeddings:
         stock.pop("lm_head.weight", None)
     state = hf_to_megatron(stock_to_hf(stock, cfg), cfg)
@@ -139,13 +256,34 @@ def import_stock(hf_dir: Path, output: Path, log=print) -> Path:
     return out
 
 
+def read_stock_config(hf_dir: Path) -> dict:
+    """``hf_dir/config.json`` as a dict; not JSON (or not an object) is bad input, named by file."""
+    path = input_directory(hf_dir, "config.json") / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a Hugging Face config ({err}); point --hf at a model directory") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: not a Hugging Face config (expected a JSON object)")
+    return config
+
+
+def _read_stock_weights(hf_dir: Path) -> Tensors:
+    try:
+        return read_safetensors_dir(hf_dir)
+    except FileNotFoundError as err:
+        if err.errno is not None:
+            raise
+        raise DataError(str(err)) from None  # a model directory without safetensors weights
+
+
 # ---- megatron side (one process, TP=PP=EP=1: dist checkpoints reshard on load) ---------------------------------
 def load_megatron_state(checkpoint: Path):
     """(state dict, model config, trainer state) of a checkpoint written under any TP/PP/EP layout."""
     from megatron_qsparse.model.gpt import build_gpt_model
     from megatron_qsparse.parallel.state import single_process_model_parallel
 
-    path = resolve_checkpoint(Path(checkpoint))
+    path = input_checkpoint(checkpoint)
     trainer_state = read_trainer_state(path)
     cfg = read_model_config(path)
     with single_process_model_parallel():
@@ -163,7 +301,7 @@ def save_megatron_checkpoint(state: Tensors, cfg: QSparseConfig, output: Path, s
     from megatron_qsparse.model.gpt import build_gpt_model
     from megatron_qsparse.parallel.state import single_process_model_parallel
 
-    with atomic_directory(output) as tmp:
+    with writing_output(output), atomic_directory(output) as tmp:
         with single_process_model_parallel():
             model = build_gpt_model(cfg, cfg.to_transformer_config())
             model.load_state_dict(state, strict=False)
@@ -172,6 +310,7 @@ def save_megatron_checkpoint(state: Tensors, cfg: QSparseConfig, output: Path, s
                 raise RuntimeError(f"missing tensors for {missing[:5]}...")
             (tmp / "model").mkdir()
             dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+        write_manifest(tmp)  # checksums, so a damaged import is caught like a damaged training checkpoint
         model_dict = dict(cfg.to_dict(), preset="imported")
         write_json(
             tmp / STATE_FILE,

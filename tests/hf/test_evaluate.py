@@ -43,7 +43,7 @@ def test_export_then_evaluate(corpus, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites an export
+    assert again.returncode == 73 and "not empty" in again.stderr  # never overwrites an export
 
     proc = subprocess.run(
         [

@@ -11,6 +11,7 @@ Extra arguments go to the trainer, e.g. ``--set train.steps=40`` (``make pretrai
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,21 @@ def summarize_run(config, started: float) -> None:
     print(f"wall time          {time.time() - started:.0f}s")
 
 
+def run_trainer(command: list) -> int:
+    """The trainer's exit code. A stop signal is the trainer's to handle (finish the step, checkpoint): Ctrl-C
+    reaches it from the terminal by itself, a SIGTERM sent to this process is passed on; then we wait for it."""
+    from megatron_qsparse.errors import Terminated
+
+    with subprocess.Popen(command, cwd=REPO) as proc:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue
+            except Terminated:
+                proc.send_signal(signal.SIGTERM)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun) for the training stage")
@@ -106,13 +122,10 @@ def main(argv=None) -> int:
     overrides = [trainer_args[i + 1] for i, a in enumerate(trainer_args[:-1]) if a == "--set"]
     config = load_config(CONFIG, overrides)
     stage(f"training ({CONFIG.relative_to(REPO)}) on {args.nproc} process(es)")
-    trainer = [str(REPO / "pretrain_scripts" / "pretrain_qsparse.py"), "--config", str(CONFIG), *trainer_args]
-    launcher = (
-        [sys.executable]
-        if args.nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    )
-    code = subprocess.call(launcher + trainer, cwd=REPO)
+    trainer = [sys.executable, str(REPO / "pretrain_scripts" / "pretrain_qsparse.py"), "--config", str(CONFIG)]
+    if args.nproc > 1:
+        trainer += ["--nproc-per-node", str(args.nproc)]
+    code = run_trainer(trainer + trainer_args)
     if code != 0:
         print(f"training exited with {code}", file=sys.stderr)
         return code
@@ -121,4 +134,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_qsparse.errors import run_tool
+
+    sys.exit(run_tool(main, None, "make pretrain"))  # one line per error; Ctrl-C/SIGTERM remove temporaries

@@ -126,8 +126,9 @@ requeue() {  # requeue this job (it resumes from the latest checkpoint), then en
 
 progress() {  # "STEP STEPS": the newest complete checkpoint's step (-1: none) and the run's train.steps
     "$PYTHON" - "${ARGS[@]}" <<'EOF' 2>/dev/null
-import argparse, json, sys
+import argparse, sys
 
+from megatron_qsparse.model.checkpoint import find_latest, read_trainer_state
 from megatron_qsparse.training.config import load_config
 
 parser = argparse.ArgumentParser()
@@ -136,21 +137,18 @@ parser.add_argument("--set", dest="overrides", action="append", default=[])
 args, _ = parser.parse_known_args(sys.argv[1:])
 cfg = load_config(args.config, args.overrides)
 
-def step(d):
-    state = d / "trainer_state.json"
-    return json.loads(state.read_text())["step"] if state.is_file() and (d / "model").is_dir() else None
-
-root = cfg.checkpoint_dir
-pointer = root / "latest"
-found = step(root / pointer.read_text().strip()) if pointer.is_file() else None
-if found is None:
-    steps = [s for s in (step(d) for d in root.glob("step_*")) if s is not None]
-    found = max(steps) if steps else -1
-print(found, cfg.train.steps)
+latest = find_latest(cfg.checkpoint_dir, verify=False)  # sizes and structure: the trainer verifies on resume
+print(read_trainer_state(latest)["step"] if latest else -1, cfg.train.steps)
 EOF
 }
 
 ((PREEMPTED)) && requeue  # the signal came before training started: nothing to save
+
+# ---- 0. the config, checked once for the whole job: one line, instead of an error from every worker -----------
+if ! WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" "$TRAIN_SCRIPT" --check "${ARGS[@]}" >/dev/null; then
+    say "configuration error (above): fix it and resubmit"
+    exit 2
+fi
 
 # ---- 1. one torchrun per node ----------------------------------------------------------------------------------
 # torchrun handles SIGUSR1 only when told (--signals-to-handle); it then sends it on to every worker and waits

@@ -3,7 +3,8 @@
 Each step: set LR / weight decay (and the sparsity ramp), run the global batch through megatron-core's schedule
 with the DeepSpeed engine as the forward, agree on the loss across ranks, then either ``engine.step()`` (ZeRO
 reduces, clips, updates) or skip a non-finite step. Checkpoints are written at the interval, at the end, and when
-SIGTERM/SIGUSR1 arrives (then the process exits with ``EXIT_PREEMPTED``).
+SIGTERM/SIGUSR1 (exit 75: requeue and resume) or Ctrl-C (exit 130) arrives. One run at a time owns its run
+directory (``rundir.py``): a lock, and a run id in every checkpoint it writes.
 """
 
 import math
@@ -16,14 +17,17 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_qsparse.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 from megatron_qsparse.layers.site import record_sparsity, scale_sparsity
 from megatron_qsparse.model.gpt import build_gpt_model
 from megatron_qsparse.model.init import default_init, initialize_weights
 from megatron_qsparse.model.summary import summarize
 from megatron_qsparse.parallel.grads import install_sequence_parallel_grad_hooks
+from megatron_qsparse.parallel.rank0 import on_rank_0
 from megatron_qsparse.parallel.state import initialize_model_parallel
 from megatron_qsparse.sparsity.stats import activated_parameters
 from megatron_qsparse.training import checkpoint as ckpt
+from megatron_qsparse.training import rundir
 from megatron_qsparse.training.config import TrainConfig
 from megatron_qsparse.training.optimizer import build_engine, discard_step, init_deepspeed_comm
 from megatron_qsparse.training.schedules import lr_and_weight_decay, sparsity_scale
@@ -37,29 +41,33 @@ from megatron_qsparse.training.telemetry import (
     sparsity_by_layer,
 )
 
-EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue and resume (EX_TEMPFAIL)
-EXIT_NONFINITE = 3  # too many consecutive NaN/Inf losses: the last good checkpoint is left as it was
-
 
 class TrainingStopped(SystemExit):
     pass
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 only set a flag; ranks agree on it after each step and stop together."""
+    """SIGTERM / SIGUSR1 / SIGINT only set a flag; ranks agree on it after each step, checkpoint and stop together.
+    A second Ctrl-C stops at once (the last checkpoint is left as it was)."""
 
     def __init__(self):
         self.signal: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signal is None or signum == signal.SIGINT:
+            self.signal = signum
+        if signum == signal.SIGINT:
+            console("Ctrl-C: finishing the step and writing a checkpoint (Ctrl-C again to stop at once)")
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.signal is not None else 0])
+    def agreed(self) -> Optional[int]:
+        """The exit code every rank stops with (130 if any rank saw SIGINT, else 75), or None to go on."""
+        flag = torch.tensor([{None: 0, signal.SIGINT: 2}.get(self.signal, 1)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return {0: None, 1: EXIT_PREEMPTED, 2: EXIT_INTERRUPTED}[int(flag.item())]
 
 
 @dataclass
@@ -95,7 +103,7 @@ def _check_same_shape(source: Path, cfg: TrainConfig) -> None:
         if getattr(saved_cfg, k) != getattr(cfg.model, k)
     }
     if differs:
-        raise ValueError(
+        raise UserError(
             f"train.init_from={source}: the checkpoint's model differs from the config's "
             f"(checkpoint, config): {differs}; set the model section to match it"
         )
@@ -108,7 +116,7 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def _build_data(cfg: TrainConfig, tokenizer, world_size: int) -> Data:
-    from megatron_qsparse.data.gpt_data import SFTDataset, build_gpt_datasets, microbatches
+    from megatron_qsparse.data.gpt_data import SFTDataset, build_gpt_datasets, check_corpus_tokenizer, microbatches
 
     g = cfg.batch.global_batch_size
     seq = cfg.model.seq_length
@@ -121,10 +129,13 @@ def _build_data(cfg: TrainConfig, tokenizer, world_size: int) -> Data:
             else None
         )
     else:
+        blends = {key: cfg.blend(getattr(cfg.data, key[5:]), key) for key in ("data.train", "data.valid")}
+        for key, pairs in blends.items():  # a corpus of another tokenizer: one line, not an IndexError later
+            check_corpus_tokenizer([prefix for _, prefix in pairs], tokenizer, cfg.model.vocab_size, key)
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.run_dir / "data_cache"
         train, valid = build_gpt_datasets(
-            cfg.blend(cfg.data.train, "data.train"),
-            cfg.blend(cfg.data.valid, "data.valid"),
+            blends["data.train"],
+            blends["data.valid"],
             tokenizer,
             seq,
             cfg.train.seed,
@@ -156,7 +167,7 @@ class Trainer:
         self.ps = ps
         self.dtype = _dtype(cfg)
         self.model = self._build_model()
-        self.resume_from = ckpt.find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
+        self.resume_from, self.run_id = on_rank_0(self._claim_run_directory)
         if self.resume_from is None and cfg.train.init_from:
             source = ckpt.resolve_checkpoint(Path(cfg.train.init_from))
             _check_same_shape(source, cfg)
@@ -173,6 +184,24 @@ class Trainer:
         self.summary = summarize(cfg.model)
 
     # ---- start-up ----------------------------------------------------------------------------------------
+    def _claim_run_directory(self):
+        """Rank 0: lock the run and checkpoint directories, then find what to resume (the newest verified
+        checkpoint) and the run id to write under; a new run is refused where another run's checkpoints are."""
+        cfg = self.cfg
+        self.lock = rundir.RunLock([cfg.run_dir, cfg.checkpoint_dir])
+        latest = ckpt.find_latest(cfg.checkpoint_dir, verify=cfg.checkpoint.verify) if cfg.checkpoint.resume else None
+        if latest is not None:
+            return latest, ckpt.read_trainer_state(latest).get("run_id") or rundir.new_run_id()
+        existing = sorted(p for p in cfg.checkpoint_dir.glob("step_*") if p.is_dir())
+        if existing and cfg.checkpoint.resume:
+            raise UserError(
+                f"{cfg.checkpoint_dir} holds checkpoints ({', '.join(p.name for p in existing[-3:])}) but none is "
+                f"complete and intact (see above); move them away, or start this run in a new directory "
+                f"(--set log.run_dir=NEW)"
+            )
+        rundir.refuse_foreign_checkpoints(cfg.checkpoint_dir, existing, cfg.train.init_from)
+        return None, rundir.new_run_id()
+
     def _build_model(self):
         """This rank's model stage under the layout, initialized the same whatever the layout."""
         cfg, p = self.cfg, self.layout
@@ -205,7 +234,7 @@ class Trainer:
 
         tokenizer = load_tokenizer(self.cfg.data.tokenizer)
         if tokenizer.vocab_size > self.cfg.model.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                 f"{self.cfg.model.vocab_size}: raise model.vocab_size"
             )
@@ -213,15 +242,21 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
-        return {"layout": vars(self.layout), "world_size": self.world_size, "config": self.cfg.to_dict(), "format": 1}
+        return {
+            "layout": vars(self.layout),
+            "world_size": self.world_size,
+            "config": self.cfg.to_dict(),
+            "run_id": self.run_id,
+            "format": 1,
+        }
 
     def _resume(self, path: Path) -> None:
         state = ckpt.read_trainer_state(path)
         if state["layout"] != vars(self.layout) or state["world_size"] != self.world_size:
-            raise ValueError(
+            raise UserError(
                 f"{path} was written with layout {state['layout']} on {state['world_size']} processes; resuming "
                 f"needs the same (ZeRO optimizer partitions are per rank). To start a new run from its weights "
-                f"under this layout, set train.init_from={path} and checkpoint.resume=false"
+                f"under this layout: --set train.init_from={path} --set log.run_dir=NEW"
             )
         ckpt.load_model(self.model, path)
         ckpt.load_optimizer_and_rng(self.engine, path)
@@ -358,10 +393,11 @@ class Trainer:
         steps = self.cfg.train.steps
         if self.cfg.checkpoint.interval and done % self.cfg.checkpoint.interval == 0 and done < steps:
             self.save(done)
-        if done < steps and self.preemption.agreed():
+        code = self.preemption.agreed() if done < steps else None
+        if code is not None:
             self.save(done)
-            console(f"stopping on signal {self.preemption.signal} at step {done}; exit {EXIT_PREEMPTED}")
-            raise TrainingStopped(EXIT_PREEMPTED)
+            console(f"stopping on signal {self.preemption.signal} at step {done}; exit {code}")
+            raise TrainingStopped(code)
 
     def _banner(self) -> str:
         cfg, s = self.cfg, self.summary
@@ -389,8 +425,10 @@ class Trainer:
                     record["eval"] = last_eval
             self._log(record)
             self._save_or_stop(record["step"])
-        final = self.save(steps) if self.start_step < steps else ckpt.find_latest(self.cfg.checkpoint_dir)
+        final = self.save(steps) if self.start_step < steps else self.resume_from
         self.writer.close()
+        if dist.get_rank() == 0:
+            self.lock.release()
         return {
             "first_loss": first_loss,
             "last_loss": last_loss,

@@ -141,22 +141,44 @@ def test_launcher_runs_one_torchrun_per_node_with_a_static_rendezvous(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = record.read_text().splitlines()
     assert lines[0] == "scontrol show hostnames gpu[17-18]"
-    srun = lines[1]
-    assert srun.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1")
     trainer = (
         "pretrain_scripts/pretrain_qsparse.py --config pretrain_scripts/configs/7b.yaml "
         "--set log.run_dir=/scratch/run --set model.preset=tiny --set train.steps=20 --set parallel.tp=2 "
         "--set log.interval=1"
     )
-    for node, line in enumerate(lines[2:4]):
+    assert lines[1] == "python " + trainer.replace(" --config", " --check --config", 1)  # validated once, first
+    srun = lines[2]
+    assert srun.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1")
+    for node, line in enumerate(lines[3:5]):
         assert line.startswith(
             f"python -m torch.distributed.run --node-rank={node} --nnodes=2 --nproc-per-node=8 "
             "--rdzv-backend=static --master-addr=gpu17 --master-port=24242 --max-restarts=0 "
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=240 "
         ), line
         assert line.endswith(trainer), line
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert "training finished" in proc.stdout
+
+
+def test_launcher_stops_on_a_config_error_before_starting_any_worker(tmp_path):
+    record = tmp_path / "record"
+    tools = {
+        "scontrol": 'printf "n1\\n"\n',
+        "srun": 'echo "srun $*" >> "$RECORD"\n',
+        "python": 'echo "python $*" >> "$RECORD"\necho "error: x.yaml: train.steps: must be >= 1" >&2\nexit 2\n',
+    }
+    env = stand_ins(tmp_path, tools, SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="1")
+    proc = subprocess.run(
+        ["bash", str(SLURM / "pretrain.sh"), "--set", "train.steps=0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "error: x.yaml: train.steps: must be >= 1"
+    assert [line.split()[2] for line in record.read_text().splitlines()] == ["--check"]  # no srun
 
 
 @pytest.mark.parametrize("exit_code,requeued", [(0, False), (75, True)])

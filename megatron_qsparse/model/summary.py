@@ -7,9 +7,15 @@
 import argparse
 import json
 import sys
+from typing import Mapping, Optional
 
 from megatron_qsparse.model.config import PRESETS, QSparseConfig, preset
 from megatron_qsparse.sparsity.stats import activated_parameters
+
+# Megatron-LM's factors (megatron/training/training.py, ``num_floating_point_operations``): every GEMM runs three
+# times (forward, backward data gradient, backward weight gradient) and an m×n by n×k product is 2mnk FLOPs.
+FORWARD_BACKWARD = 3
+FMA = 2
 
 
 def summarize(cfg: QSparseConfig) -> dict:
@@ -36,6 +42,50 @@ def summarize(cfg: QSparseConfig) -> dict:
         "num_experts": cfg.num_experts,
         "moe_router_topk": cfg.moe_router_topk if cfg.num_experts else None,
     }
+
+
+def attention_score_flops_per_token(cfg: QSparseConfig, seq_length: Optional[int] = None) -> int:
+    """QKᵀ and scores·V of one token, forward and backward, all layers: per layer 3·2·(heads·head_dim)·seq/2·2,
+    Megatron-LM's count (the causal mask halves the scores; Megatron-LM before its causal fix counted the full
+    square, twice this). No parameters: the same whatever the sparsity."""
+    seq = seq_length or cfg.seq_length
+    query_size = cfg.num_attention_heads * cfg.head_dim
+    # seq / 2 scores per query (causal) times 2 products (QKᵀ, scores·V): Megatron-LM's ``seq / 2 * 2``
+    return cfg.num_layers * FORWARD_BACKWARD * FMA * query_size * seq
+
+
+def logits_flops_per_token(cfg: QSparseConfig) -> int:
+    """The output layer hidden -> padded vocabulary (run even when tied to the embedding), never sparsified."""
+    return FORWARD_BACKWARD * FMA * cfg.hidden_size * cfg.padded_vocab_size
+
+
+def model_flops_per_token(cfg: QSparseConfig, seq_length: Optional[int] = None) -> int:
+    """Training FLOPs per token as Megatron-LM counts them (``num_floating_point_operations`` over batch·seq,
+    MHA/GQA branch): dense projections, causal attention scores, the GLU MLP (gate, up and down: the factor 3) of
+    the top-k experts for MoE, and the logits. Norms, biases, the router and the softmax are not counted. This is
+    what ``mfu`` reports; sparsity does not lower it."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    query_size = cfg.num_attention_heads * cfg.head_dim
+    key_value_size = cfg.query_groups * cfg.head_dim
+    projections = FORWARD_BACKWARD * FMA * (h * (query_size + 2 * key_value_size) + query_size * h)
+    ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
+    experts_routed_to = cfg.moe_router_topk if cfg.num_experts else 1
+    mlp = FORWARD_BACKWARD * FMA * h * ffn * 3 * experts_routed_to
+    return layers * (projections + mlp) + attention_score_flops_per_token(cfg, seq_length) + logits_flops_per_token(cfg)
+
+
+def activated_flops_per_token(
+    cfg: QSparseConfig, sparsity: Mapping[str, float], seq_length: Optional[int] = None
+) -> float:
+    """Ours (``mfu_activated``): the same count with the four block linears at their activated size, 6·N_a at the
+    given per-site input sparsity, plus the same attention scores and logits (neither is sparsified). Equal to
+    ``model_flops_per_token`` at zero sparsity; the FLOPs a kernel that skips the zeros would need."""
+    _, n_active = activated_parameters(cfg.activated_block_linear_params(), sparsity)
+    return (
+        FORWARD_BACKWARD * FMA * n_active
+        + attention_score_flops_per_token(cfg, seq_length)
+        + logits_flops_per_token(cfg)
+    )
 
 
 def _billions(n: float) -> str:

@@ -155,12 +155,25 @@ def console(message: str) -> None:
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
-def mfu(tokens_per_s: float, activated_flops_per_token: float) -> Optional[float]:
-    """Model FLOPs utilization on GPU (None on CPU): achieved FLOP/s over the device's dense bf16 peak."""
+def peak_flops() -> Optional[float]:
+    """The dense bf16 peak FLOP/s of all ranks' devices together (one GPU per rank); None on CPU or an unknown GPU."""
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     if peak is None:
         return None
-    return tokens_per_s * activated_flops_per_token / (peak * 1e12 * dist.get_world_size())
+    return peak * 1e12 * dist.get_world_size()
+
+
+def mfu_fields(tokens_per_s: float, model_flops_per_token: float, activated_flops_per_token: float) -> Dict[str, float]:
+    """Model FLOPs utilization (achieved FLOP/s over the peak), counted two ways: ``mfu`` with Megatron-LM's FLOP
+    count (``model.summary.model_flops_per_token``), ``mfu_activated`` with ours, the block linears at their
+    activated size (``activated_flops_per_token``). Empty where there is no peak to divide by (CPU, unknown GPU)."""
+    peak = peak_flops()
+    if peak is None:
+        return {}
+    return {
+        "mfu": tokens_per_s * model_flops_per_token / peak,
+        "mfu_activated": tokens_per_s * activated_flops_per_token / peak,
+    }

@@ -21,7 +21,7 @@ from megatron_qsparse.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEM
 from megatron_qsparse.layers.site import record_sparsity, scale_sparsity
 from megatron_qsparse.model.gpt import build_gpt_model
 from megatron_qsparse.model.init import default_init, initialize_weights
-from megatron_qsparse.model.summary import summarize
+from megatron_qsparse.model.summary import activated_flops_per_token, model_flops_per_token, summarize
 from megatron_qsparse.parallel.grads import install_sequence_parallel_grad_hooks
 from megatron_qsparse.parallel.rank0 import on_rank_0
 from megatron_qsparse.parallel.state import initialize_model_parallel
@@ -36,7 +36,7 @@ from megatron_qsparse.training.telemetry import (
     GradientCapture,
     MetricsWriter,
     console,
-    mfu,
+    mfu_fields,
     site_means,
     sparsity_by_layer,
 )
@@ -373,9 +373,10 @@ class Trainer:
             "sparsity": sparsity,
             "activated_params": activated,
         }  # N_a with the measured per-site input sparsity
-        utilization = mfu(tokens_per_s, 6 * activated)
-        if utilization is not None:
-            record["mfu"] = utilization
+        # GPU only: mfu counts FLOPs as Megatron-LM does (dense), mfu_activated at the measured sparsity.
+        seq = cfg.model.seq_length
+        flops = model_flops_per_token(cfg.model, seq), activated_flops_per_token(cfg.model, sparsity, seq)
+        record.update(mfu_fields(tokens_per_s, *flops))
         if self._evaluates(done):
             record["layers"] = {"sparsity": {s: per_layer[:, i].tolist() for i, s in enumerate(sparsity)}}
             if layer_grads is not None:
@@ -444,6 +445,8 @@ class Trainer:
             f"step {r['step']:>6}/{steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} "
             f"| {r['tokens_per_s']:,.0f} tok/s | sparsity {sp}"
         )
+        if "mfu" in r:
+            line += f" | mfu {100 * r['mfu']:.1f}% (activated {100 * r['mfu_activated']:.1f}%)"
         if "eval" in r:
             line += f" | eval loss {r['eval']['loss']:.4f} bpb {r['eval']['bits_per_byte']:.3f}"
         return line

@@ -71,7 +71,13 @@ class LineProgress:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def abandon(self) -> None:
+        """Stop without the closing line: a failed or stopped step is not done (its error says what happened)."""
+        self.disable = True
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abandon()
         self.close()
         return False
 

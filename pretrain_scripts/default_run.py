@@ -4,7 +4,8 @@
 2. train a byte-level BPE tokenizer on its training split (data/tokenizer)
 3. preprocess both splits into megatron-core .bin/.idx (data/corpus_{train,heldout}_text_document)
 4. train the tiny Q-Sparse model on CPU (pretrain_scripts/configs/tiny-cpu.yaml), checkpoint, evaluate
-5. print a summary: loss before/after, held-out loss and bits per byte, realized sparsity, N and N_a
+5. print a summary: loss before/after, held-out loss and bits per byte, realized sparsity, N and N_a, and the
+   plots of the run (tools/plot_run.py) written to its run directory's plots/
 
 Extra arguments go to the trainer, e.g. ``--set train.steps=40`` (``make pretrain ARGS="--set train.steps=40"``).
 """
@@ -93,7 +94,28 @@ def summarize_run(config, started: float) -> None:
     print(f"checkpoints        {config.checkpoint_dir}")
     print(f"metrics            {config.run_dir / 'metrics.jsonl'}")
     print(f"tensorboard        tensorboard --logdir {config.run_dir / 'tensorboard'}")
+    draw_plots(config.run_dir)
     print(f"wall time          {time.time() - started:.0f}s")
+
+
+def draw_plots(run_dir: Path) -> list:
+    """The run's PNGs (loss, learning rate, gradient norm, sparsity, heat maps, throughput), their paths printed.
+    The run is done and its summary printed: a plot that cannot be written is a line saying so, not a failure."""
+    from megatron_qsparse.errors import UserError, exit_code_and_message
+    from megatron_qsparse.training.plots import write_plots
+
+    try:
+        paths = write_plots(run_dir)
+    except (UserError, OSError, ValueError) as err:
+        known = exit_code_and_message(err)
+        if known is None:
+            raise
+        print(f"plots              not written: {known[1]} (tools/plot_run.py {run_dir} draws them again)")
+        return []
+    print(f"plots              {paths[0].parent}/")
+    for path in paths:
+        print(f"                   {path}")
+    return paths
 
 
 def run_trainer(command: list) -> int:

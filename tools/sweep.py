@@ -20,6 +20,7 @@ run directory at ``<output>/<name>``; its output goes to ``train.log`` there. Wh
 ``result.json`` beside it, and that file is what makes it finished: a new call skips it. A run killed midway
 resumes from its own last checkpoint (the trainer's resume), so a killed sweep continues where it stopped.
 SIGTERM / Ctrl-C reach the running trainers, which checkpoint and stop; the sweep then exits 75.
+Progress on stderr: the runs done of those to run, with an ETA at the pace of the runs finished so far.
 
 results.csv, rewritten after every run: ``name, N, N_a, S, S_realized, loss, train_loss, tokens, bitnet,
 block_size, seed, steps, wall_s`` plus one column per axis. N counts the block linear parameters, N_a the
@@ -64,6 +65,7 @@ silence_gpu_stack_notices()
 
 from megatron_qsparse import atomic  # noqa: E402
 from megatron_qsparse.errors import EXIT_PREEMPTED, UserError, os_error, run_command  # noqa: E402
+from megatron_qsparse.progress import LineProgress, progress  # noqa: E402
 
 EXIT_STOPPED = EXIT_PREEMPTED
 KEYS = {"base", "output", "set", "grid", "processes", "jobs"}
@@ -290,6 +292,14 @@ class Runner:
             flush=True,
         )
 
+    def _run_counted(self, bar, position: int, run: Run) -> None:
+        self.run_one(position, run)
+        if not self.stopping:
+            with self.lock:
+                if self.failed:
+                    bar.set_postfix_str(f"{len(self.failed)} failed")
+                bar.update(1)
+
     def run(self, indices: List[int]) -> int:
         todo = [
             (i + 1, self.sweep.runs[i])
@@ -304,8 +314,16 @@ class Runner:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
-        with ThreadPoolExecutor(self.jobs) as pool:
-            list(pool.map(lambda item: self.run_one(*item), todo))
+        # Runs done of those to run, on stderr; the ETA is the remaining runs at the pace of the finished ones.
+        with progress(total=len(todo), desc="sweep", unit="run") as bar:
+            finished = False
+            try:
+                with ThreadPoolExecutor(self.jobs) as pool:
+                    list(pool.map(lambda item: self._run_counted(bar, *item), todo))
+                finished = not self.stopping
+            finally:
+                if not finished and isinstance(bar, LineProgress):
+                    bar.abandon()  # a stopped or failed sweep is not done: no closing "done" line
         results = write_results(self.sweep)
         print(f"wrote {results}", flush=True)
         if self.stopping:

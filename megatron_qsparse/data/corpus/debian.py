@@ -51,6 +51,19 @@ def download_debian_package(package: str, dest: Path, log: Log = print) -> Path:
     return deb
 
 
+def package_size(package: str) -> int | None:
+    """The download size in bytes of the version ``apt-get download`` fetches (``apt-cache show``'s ``Size``), or
+    None when the package lists do not say (no lists yet, no apt-cache): progress then counts packages."""
+    try:
+        result = subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", package], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sizes = [line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if line.startswith("Size:")]
+    return int(sizes[0]) if result.returncode == 0 and sizes and sizes[0].isdigit() else None
+
+
 def unpack_deb(deb: Path, dest: Path) -> Path:
     """Extracts a .deb's files (``dpkg-deb -x``, no maintainer scripts, nothing installed) into ``dest``."""
     command = ["dpkg-deb", "-x", str(deb), str(dest)]

@@ -14,11 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_qsparse.data.corpus.austen import austen_documents
-from megatron_qsparse.data.corpus.debian import download_debian_package, package_version, read_package_file, unpack_deb
+from megatron_qsparse.data.corpus.debian import (
+    download_debian_package,
+    package_size,
+    package_version,
+    read_package_file,
+    unpack_deb,
+)
 from megatron_qsparse.data.corpus.documents import CorpusError, CorpusFiles, Document, Log
 from megatron_qsparse.data.corpus.jargon import jargon_documents
 from megatron_qsparse.data.corpus.store import load_cached_corpus, write_corpus
 from megatron_qsparse.data.corpus.sword import bible_documents
+from megatron_qsparse.progress import progress
 
 BIBLE_PACKAGE = "sword-text-web"
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
@@ -46,23 +53,40 @@ SOURCES = (
 )
 
 
+def _download_sizes() -> dict[str, int] | None:
+    """Each source package's download size, or None unless every one is known."""
+    sizes = {source.package: package_size(source.package) for source in SOURCES}
+    return None if None in sizes.values() else sizes
+
+
 def build_documents(work_dir: Path, log: Log = print) -> tuple[list[Document], dict[str, str]]:
-    """Downloads, unpacks and parses every source package: (documents, package -> Debian version)."""
+    """Downloads, unpacks and parses every source package: (documents, package -> Debian version). Progress counts
+    the bytes of the packages fetched and parsed when the package lists give their sizes, else the packages."""
     documents, versions = [], {}
-    for source in SOURCES:
-        log(f"{source.name}: apt-get download {source.package}")
-        deb = download_debian_package(source.package, work_dir, log)
-        versions[source.package] = package_version(deb)
-        root = unpack_deb(deb, work_dir / source.package)
-        try:
-            found = source.read(root)
-        except (ValueError, KeyError, IndexError, OSError, zlib.error, lzma.LZMAError, EOFError, struct.error) as error:
-            raise CorpusError(f"parsing {source.package} ({deb.name}) failed: {error}") from error
-        if not found:
-            raise CorpusError(f"parsing {source.package} ({deb.name}) found no documents")
-        log(f"{source.name}: {len(found)} documents, {sum(len(d.text) for d in found):,} characters")
-        documents += found
+    sizes = _download_sizes()
+    total, unit = (sum(sizes.values()), "B") if sizes else (len(SOURCES), "package")
+    with progress(total=total, desc="corpus packages", unit=unit) as bar:
+        for source in SOURCES:
+            log(f"{source.name}: apt-get download {source.package}")
+            found, versions[source.package] = _read_source(source, work_dir, log)
+            log(f"{source.name}: {len(found)} documents, {sum(len(d.text) for d in found):,} characters")
+            documents += found
+            bar.set_postfix_str(f"{len(documents):,} documents")
+            bar.update(sizes[source.package] if sizes else 1)
     return documents, versions
+
+
+def _read_source(source: _Source, work_dir: Path, log: Log) -> tuple[list[Document], str]:
+    """The documents of one source package and its Debian version."""
+    deb = download_debian_package(source.package, work_dir, log)
+    root = unpack_deb(deb, work_dir / source.package)
+    try:
+        found = source.read(root)
+    except (ValueError, KeyError, IndexError, OSError, zlib.error, lzma.LZMAError, EOFError, struct.error) as error:
+        raise CorpusError(f"parsing {source.package} ({deb.name}) failed: {error}") from error
+    if not found:
+        raise CorpusError(f"parsing {source.package} ({deb.name}) found no documents")
+    return found, package_version(deb)
 
 
 def default_cache_dir() -> Path:

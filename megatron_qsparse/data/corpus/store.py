@@ -11,18 +11,22 @@ from pathlib import Path
 from megatron_qsparse.atomic import atomic_file, write_text
 from megatron_qsparse.data.corpus.documents import CorpusError, CorpusFiles, Document, Log, SplitCounts
 from megatron_qsparse.data.corpus.split import HELDOUT_PER_10000, split_documents
+from megatron_qsparse.progress import progress
 
 # Bump when the extraction changes: caches written by an older format are rebuilt.
 CORPUS_FORMAT = 1
 
 
-def write_jsonl(path: Path, documents: Iterable[Document]) -> SplitCounts:
+def write_jsonl(path: Path, documents: Iterable[Document], bar=None) -> SplitCounts:
+    """Writes the documents, one JSON object a line; ``bar`` (a ``progress`` display) advances one per document."""
     count = characters = 0
     with atomic_file(path) as stream:
         for document in documents:
             stream.write(json.dumps({"text": document.text, "source": document.source}, ensure_ascii=False) + "\n")
             count += 1
             characters += len(document.text)
+            if bar is not None:
+                bar.update(1)
     return SplitCounts(count, characters)
 
 
@@ -65,17 +69,9 @@ def write_corpus(
         raise CorpusError(f"the held-out split left {len(train)} train and {len(heldout)} held-out documents")
     paths = {"train": cache_dir / "train.jsonl", "heldout": cache_dir / "heldout.jsonl"}
     files = {}
-    for split, members in (("train", train), ("heldout", heldout)):
-        path = paths[split]
-        counts = write_jsonl(path, members)
-        files[split] = {
-            "path": path.name,
-            "bytes": path.stat().st_size,
-            "sha256": _sha256(path),
-            "documents": counts.documents,
-            "characters": counts.characters,
-        }
-        log(f"wrote {path} ({counts.documents} documents, {counts.characters:,} characters)")
+    with progress(total=len(train) + len(heldout), desc="writing the corpus", unit="doc") as bar:
+        for split, members in (("train", train), ("heldout", heldout)):
+            files[split] = _write_split(paths[split], members, bar, log)
     manifest = {
         "format": CORPUS_FORMAT,
         "packages": packages or {},
@@ -88,6 +84,19 @@ def write_corpus(
     }
     write_text(cache_dir / "manifest.json", json.dumps(manifest, indent=2))
     return _corpus_files(cache_dir, manifest)
+
+
+def _write_split(path: Path, members: list[Document], bar, log: Log) -> dict:
+    """Writes one split's file; its manifest entry."""
+    counts = write_jsonl(path, members, bar)
+    log(f"wrote {path} ({counts.documents} documents, {counts.characters:,} characters)")
+    return {
+        "path": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": _sha256(path),
+        "documents": counts.documents,
+        "characters": counts.characters,
+    }
 
 
 def _corpus_files(cache_dir: Path, manifest: dict) -> CorpusFiles:

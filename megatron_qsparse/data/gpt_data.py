@@ -36,10 +36,15 @@ def build_gpt_datasets(
     train_samples: int,
     valid_samples: int,
     cache_dir: Path,
+    split: Optional[Sequence[float]] = None,
 ):
     """(train, valid) GPTDatasets; ``valid`` is None without held-out prefixes. Every rank builds them; the
     index cache (under ``cache_dir``, in a sub-directory named by the corpus files' identity) is written by
-    global rank 0 first (megatron-core's builder orders that)."""
+    global rank 0 first (megatron-core's builder orders that).
+
+    ``split`` ([train, valid, test] proportions, Megatron-LM's ``--split 969,30,1``; ``valid_blend`` empty) divides
+    every corpus of ``train_blend`` by documents, in order, as megatron-core does: train reads the first part, valid
+    (None when its share is 0) the next; the test part is held out and not built."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -60,11 +65,18 @@ def build_gpt_datasets(
             "eod": tokenizer.eod,
         }
 
+    if split is not None and valid_blend:
+        raise ValueError("build_gpt_datasets: give a split of train_blend or a valid_blend, not both")
     prefixes = [p for _, p in [*train_blend, *valid_blend]]
+    if split is None:
+        blends = dict(blend_per_split=[blend(train_blend), blend(valid_blend), None])
+    else:
+        total = sum(float(share) for share in split)  # megatron-core reads plain decimals only: no "1e-05"
+        blends = dict(blend=blend(train_blend), split=",".join(f"{float(share) / total:.15f}" for share in split))
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend_per_split=[blend(train_blend), blend(valid_blend), None],
+        **blends,
         path_to_cache=str(corpus_cache_dir(cache_dir, prefixes)),
         tokenizer=DatasetTokenizer(),
         reset_position_ids=False,
@@ -72,7 +84,10 @@ def build_gpt_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,  # causal masking happens inside attention
     )
-    sizes = [train_samples, valid_samples if valid_blend else None, None]
+    if split is not None:
+        config.split_matrix[2] = None  # the test part: held out, never read here, so no index is built for it
+    has_valid = bool(valid_blend) or (split is not None and config.split_matrix[1] is not None)
+    sizes = [train_samples, valid_samples if has_valid else None, None]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return train, valid
 

@@ -15,10 +15,15 @@ cannot be written fails at once, as an `OSError` naming it. Bad input stops the 
 (or row) and the fix; with `skip_bad` such records are skipped and counted by reason instead (the reasons are
 listed in `readers`). Any error or interruption (KeyboardInterrupt, or `errors.Terminated` from the SIGTERM
 handler of `errors.run_tool`) removes the temporary files.
+
+`preprocess_json_keys` is Megatron-LM's `--json-keys` naming: one corpus per field, written at
+`PREFIX_<key>_document` (`megatron_prefix`), so that `--output-prefix my-corpus --json-keys text` gives
+`my-corpus_text_document.bin/.idx` as Megatron-LM's tools/preprocess_data.py does. The inputs are read once per key.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,7 +66,9 @@ __all__ = [
     "PreprocessError",
     "PreprocessStats",
     "iter_document_texts",
+    "megatron_prefix",
     "preprocess",
+    "preprocess_json_keys",
     "resolve_inputs",
 ]
 
@@ -152,6 +159,55 @@ def preprocess(
     )
     log(stats.summary())
     return stats
+
+
+def megatron_prefix(output_prefix: Path, json_key: str) -> Path:
+    """Where Megatron-LM's preprocess_data.py writes the field `json_key`: ``PREFIX_<key>_document``."""
+    output_prefix = Path(output_prefix)
+    return output_prefix.with_name(f"{output_prefix.name}_{json_key}_document")
+
+
+def preprocess_json_keys(
+    inputs: list[Path],
+    output_prefix: Path,
+    tokenizer_path: Path,
+    json_keys: list[str],
+    input_format: str = "auto",
+    **options,
+) -> list[PreprocessStats]:
+    """`preprocess` once per field of `json_keys`, each into `megatron_prefix(output_prefix, key)` (Megatron-LM's
+    `--json-keys` naming); `options` are `preprocess`'s. Every argument is checked before the first corpus is
+    written; a failure later leaves the corpora of the keys before it complete, and nothing of its own."""
+    keys = _check_json_keys(json_keys)
+    sources = resolve_inputs(inputs, input_format)
+    texts = [str(source.path) for source in sources if source.format == "text"]
+    if texts and len(keys) > 1:
+        raise PreprocessError(
+            f"--json-keys names {len(keys)} fields but {texts[0]} is a text file, which has one text; "
+            f"pass one key (it names the output), or JSON/parquet inputs"
+        )
+    workers = options.get("workers", 1)
+    for key in keys:  # the prefix checks of every output, before any is written
+        _check_arguments(
+            inputs, megatron_prefix(output_prefix, key), input_format, options.get("text_unit", "file"), workers
+        )
+    return [
+        preprocess(inputs, megatron_prefix(output_prefix, key), tokenizer_path, input_format, key, **options)
+        for key in keys
+    ]
+
+
+def _check_json_keys(json_keys: list[str]) -> list[str]:
+    keys = list(json_keys)
+    if not keys:
+        raise PreprocessError("--json-keys needs at least one key")
+    for key in keys:
+        if not key or "/" in key or os.sep in key:
+            raise PreprocessError(f"--json-keys: {key!r} cannot be part of a file name (PREFIX_<key>_document)")
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise PreprocessError(f"--json-keys names {', '.join(repeated)} more than once")
+    return keys
 
 
 def _claim(temp_bin: Path, output_bin: Path) -> None:

@@ -1,9 +1,16 @@
 """Reading documents from the inputs preprocessing and tokenizer training accept: text files (a document per file,
-paragraph or line), JSON lines, parquet and saved `datasets` directories, in file order.
+paragraph or line), JSON lines, JSON arrays, parquet and saved `datasets` directories, in file order.
 
 Files are read with Hugging Face `datasets` (streaming, offline). A record that cannot be a document is located
 by file and line (or row) and has a reason: "malformed_json", "missing_field", "non_string_field", "invalid_utf8"
 or "empty_file"; `iter_document_texts` raises `BadInputError` at the first, preprocessing can skip and count them.
+
+Text, JSON-lines and JSON-array files may be compressed, told by their last extension (`COMPRESSIONS`:
+"corpus.jsonl.gz", ".xz", ".zst"; zstd needs the `zstandard` package before Python 3.14). They are decompressed
+as they are read, never whole, and lines are numbered as in the uncompressed file. A ".json" file whose first
+character (after whitespace) is "[" is a JSON array of records (`--input-format json`), as written by
+`json.dump(list_of_dicts)`; anything else with that extension is JSON lines. The array is scanned one element at a
+time (its memory is the largest element's, like a JSON line's), and an element is located by the line it starts on.
 
 Memory is bounded by the pieces of a document, not by the document: a text file read as one document (the
 default) is streamed as `Piece`s of at most `DOCUMENT_PIECE_CHARACTERS` characters, and every consumer tokenizes
@@ -18,18 +25,24 @@ differ at every cut. A line, a paragraph or a JSON/parquet record is read whole:
 from __future__ import annotations
 
 import glob
+import gzip
+import importlib
+import io
 import json
+import lzma
 import os
 import re
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatron_qsparse.errors import EXIT_NO_INPUT, UserError
 
-INPUT_FORMATS = ("auto", "text", "jsonl", "parquet", "datasets")
+INPUT_FORMATS = ("auto", "text", "jsonl", "json", "parquet", "datasets")
 TEXT_UNITS = ("file", "paragraph", "line")
 FORMAT_BY_EXTENSION = {
     ".txt": "text",
@@ -37,9 +50,15 @@ FORMAT_BY_EXTENSION = {
     ".md": "text",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
-    ".json": "jsonl",
+    ".json": "jsonl",  # or "json" (an array) when it starts with "[": see `_json_or_json_lines`
     ".parquet": "parquet",
 }
+# A file's last extension -> how it is compressed; the extension before it tells the format ("a.jsonl.gz").
+COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd"}
+# The zstandard release to install for .zst inputs before Python 3.14 (which has compression.zstd).
+ZSTANDARD_REQUIREMENT = "zstandard==0.25.0"
+# Formats read line by line, whose records are located by line.
+LINE_FORMATS = ("text", "jsonl", "json")
 # Files a `save_to_disk` directory always holds (a Dataset, or a DatasetDict of splits).
 DATASETS_DIR_MARKERS = ("state.json", "dataset_dict.json")
 
@@ -92,7 +111,7 @@ class InputFile:
     @property
     def unit(self) -> str:
         """What a record's location counts."""
-        return "line" if self.format in ("text", "jsonl") else "row"
+        return "line" if self.format in LINE_FORMATS else "row"
 
 
 @dataclass(frozen=True)
@@ -179,15 +198,116 @@ def _format_of(path: Path, requested: str) -> str:
         return "datasets"
     if requested == "datasets":
         raise PreprocessError(f"input {path} is a file; --input-format datasets needs a save_to_disk directory")
-    if requested != "auto":
-        return requested
-    detected = FORMAT_BY_EXTENSION.get(path.suffix.lower())
-    if detected is None:
+    chosen = requested if requested != "auto" else _format_by_extension(path)
+    if compression_of(path) and chosen not in LINE_FORMATS:
         raise PreprocessError(
-            f"cannot tell the format of {path} from its extension (known: {', '.join(FORMAT_BY_EXTENSION)}); "
-            f"pass --input-format text|jsonl|parquet|datasets"
+            f"input {path}: a compressed {chosen} file cannot be read ({chosen} compresses internally); "
+            f"decompress it, or pass --input-format {'|'.join(LINE_FORMATS)} if it holds text or JSON"
         )
+    return chosen
+
+
+def compression_of(path: Path) -> str | None:
+    """How `path` is compressed, by its last extension (`COMPRESSIONS`), or None."""
+    return COMPRESSIONS.get(path.suffix.lower())
+
+
+def _format_by_extension(path: Path) -> str:
+    """The format of `path` from its extension, the one before a compression extension if any ("a.jsonl.gz")."""
+    named = path.with_suffix("") if compression_of(path) else path
+    detected = FORMAT_BY_EXTENSION.get(named.suffix.lower())
+    if detected is None:
+        known = ", ".join([*FORMAT_BY_EXTENSION, *(f"(...){ext}" for ext in COMPRESSIONS)])
+        raise PreprocessError(
+            f"cannot tell the format of {path} from its extension (known: {known}); "
+            f"pass --input-format {'|'.join(INPUT_FORMATS[1:])}"
+        )
+    if named.suffix.lower() == ".json":
+        return _json_or_json_lines(path)
     return detected
+
+
+def _json_or_json_lines(path: Path) -> str:
+    """ "json" when the file's first character after whitespace (and a byte-order mark) is "[", else "jsonl"."""
+    with _decompression_errors(path), open_text(path, errors="replace") as file:
+        while chunk := file.read(1 << 16):
+            stripped = chunk.lstrip()
+            if stripped:
+                return "json" if stripped[0] == "[" else "jsonl"
+    return "jsonl"  # blank: reported as an empty file
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Opening files, compressed or not
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """`path` opened for reading bytes, decompressed as it is read when its extension says so (`COMPRESSIONS`)."""
+    kind = compression_of(path)
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "xz":
+        return lzma.open(path, "rb")
+    if kind == "zstd":
+        return _open_zstd(path)
+    return path.open("rb")
+
+
+def _open_zstd(path: Path) -> io.BufferedIOBase:
+    try:
+        from compression import zstd  # Python 3.14
+
+        return zstd.open(path, "rb")
+    except ImportError:
+        pass
+    try:
+        import zstandard
+    except ImportError:
+        raise PreprocessError(
+            f"input {path}: reading .zst files needs the zstandard package: install zstandard "
+            f"(pip install {ZSTANDARD_REQUIREMENT}), or decompress the file first (zstd -d)"
+        ) from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
+
+
+def open_text(
+    path: Path, encoding: str = "utf-8-sig", errors: str = "strict", newline: str | None = None
+) -> io.TextIOBase:
+    """`path` opened as text (decompressed when compressed); by default UTF-8 with an optional byte-order mark
+    and universal newlines, as `datasets` reads text."""
+    if compression_of(path) is None:
+        return path.open(encoding=encoding, errors=errors, newline=newline)
+    return io.TextIOWrapper(open_binary(path), encoding=encoding, errors=errors, newline=newline)
+
+
+def _decompression_failures() -> tuple[type[BaseException], ...]:
+    failures: list[type[BaseException]] = [EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError]
+    for module, name in (("compression.zstd", "ZstdError"), ("zstandard", "ZstdError")):
+        try:
+            failures.append(getattr(importlib.import_module(module), name))
+        except ImportError:
+            pass
+    return tuple(failures)
+
+
+@contextmanager
+def _decompression_errors(path: Path) -> Iterator[None]:
+    """A compressed input that cannot be decompressed (truncated, or not what its extension says) becomes one
+    `PreprocessError` naming it, not a bare "Compressed file ended before the end-of-stream marker"."""
+    kind = compression_of(path)
+    if kind is None:
+        yield
+        return
+    try:
+        yield
+    except _decompression_failures() as error:
+        raise PreprocessError(
+            f"input {path}: cannot decompress it as {kind} ({error or type(error).__name__}): the file is "
+            f"truncated or not {kind}-compressed; check it (e.g. {_CHECK_COMMANDS[kind]} {path})"
+        ) from None
+
+
+_CHECK_COMMANDS = {"gzip": "gzip -t", "xz": "xz -t", "zstd": "zstd -t"}
 
 
 def check_text_unit(text_unit: str) -> None:
@@ -205,6 +325,8 @@ def iter_records(source: InputFile, json_key: str = "text", text_unit: str = "fi
         records = _text_records(source.path, text_unit)
     elif source.format == "jsonl":
         records = _json_line_records(source.path)
+    elif source.format == "json":
+        records = _json_array_records(source.path)
     else:
         records = _table_records(source, json_key)
     empty = True
@@ -225,7 +347,7 @@ def _undecodable_lines(path: Path, chunk_characters: int = 1 << 22) -> set[int]:
     """
     bad: set[int] = set()
     lines_before = 0
-    with path.open(encoding="utf-8", errors="surrogateescape", newline=None) as file:
+    with _decompression_errors(path), open_text(path, encoding="utf-8", errors="surrogateescape") as file:
         while chunk := file.read(chunk_characters):
             line, counted_to = lines_before + 1, 0
             for escaped in _ESCAPED_BYTE.finditer(chunk):
@@ -250,6 +372,9 @@ def _is_utf8(data: bytes) -> bool:
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
     """(1-based line number, text without its line break, whether its bytes were valid UTF-8)."""
+    if compression_of(path):
+        yield from _decompressed_lines(path)
+        return
     undecodable = _undecodable_lines(path)
     # utf-8-sig: a byte-order mark is not part of the first line's text.
     lines = _datasets().load_dataset(
@@ -265,6 +390,18 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
         for text in batch["text"]:
             number += 1
             yield number, text, number not in undecodable
+
+
+def _decompressed_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
+    """`_numbered_lines` of a compressed file, in one streamed pass: lines numbered and split as `datasets`' text
+    builder does (universal newlines, then at "\\n"), undecodable bytes replaced by U+FFFD."""
+    with _decompression_errors(path), open_text(path, errors="surrogateescape") as file:
+        for number, line in enumerate(file, 1):
+            text = line[:-1] if line.endswith("\n") else line
+            if _ESCAPED_BYTE.search(text):
+                yield number, _ESCAPED_BYTE.sub("\ufffd", text), False
+            else:
+                yield number, text, True
 
 
 def _exactly(path: Path) -> list[str]:
@@ -283,6 +420,136 @@ def _json_line_records(path: Path) -> Iterator[Record]:
             yield number, _invalid_utf8()
         elif text.strip():
             yield number, text
+
+
+def _json_array_records(path: Path, read_characters: int = 1 << 20) -> Iterator[Record]:
+    """The elements of a top-level JSON array, each as its raw JSON text located by the line it starts on (parsed,
+    like a JSON line, by `document_text`). The file is scanned a read at a time, keeping only the element being
+    read: memory is bounded by the largest element, whatever the file's size. Structure that is not an array of
+    values separated by commas is one "malformed_json" record, after which the rest of the file cannot be read."""
+    with _decompression_errors(path), open_text(path, errors="surrogateescape") as file:
+        yield from _JsonArrayScanner(file, read_characters).records()
+
+
+class _JsonArrayScanner:
+    """Finds where each element of a JSON array ends without parsing it: brackets and braces are counted outside
+    strings, and strings skipped (escapes included), across reads."""
+
+    # Outside strings: what changes the depth or starts a string. Inside: what may end it.
+    _STRUCTURE = re.compile(r'["{}\[\]]')
+    _IN_STRING = re.compile(r'["\\]')
+    _WHITESPACE = re.compile(r"[ \t\n\r]*")
+    _SCALAR = re.compile(r"[^\s,\]]*")
+
+    def __init__(self, file: io.TextIOBase, read_characters: int) -> None:
+        self.file, self.read_characters = file, read_characters
+        self.text, self.at, self.line, self.eof = "", 0, 1, False  # `line`: the line `text[at]` is on
+
+    def records(self) -> Iterator[Record]:
+        first = self._next_character()
+        if first is None:
+            return  # blank: `iter_records` reports an empty file
+        if first != "[":
+            yield self.line, BadRecord("malformed_json", f"a JSON-array file must start with '[', found {first!r}")
+            return
+        self._advance(self.at + 1)
+        if self._next_character() == "]":
+            self._advance(self.at + 1)
+            yield from self._trailing()
+            return
+        while True:
+            if self._next_character() is None:
+                yield self.line, BadRecord("malformed_json", "the file ends inside the JSON array (truncated?)")
+                return
+            line, end = self.line, self._element_end()
+            if end is None:
+                yield line, BadRecord("malformed_json", "the file ends inside this element (truncated?)")
+                return
+            element = self.text[self.at : end]
+            self._advance(end)
+            # Read with "surrogateescape": an undecodable byte shows as a lone surrogate, reported like a JSON line's.
+            yield line, _invalid_utf8() if _ESCAPED_BYTE.search(element) else element
+            separator = self._next_character()
+            if separator == ",":
+                self._advance(self.at + 1)
+            elif separator == "]":
+                self._advance(self.at + 1)
+                yield from self._trailing()
+                return
+            else:
+                yield self.line, self._missing_separator(separator)
+                return
+
+    @staticmethod
+    def _missing_separator(found: str | None) -> BadRecord:
+        what = "the end of the file" if found is None else repr(found)
+        return BadRecord(
+            "malformed_json", f"expected ',' or ']' after an element, found {what} (the rest of the file is not read)"
+        )
+
+    def _trailing(self) -> Iterator[Record]:
+        found = self._next_character()
+        if found is not None:
+            yield self.line, BadRecord("malformed_json", f"{found!r} after the end of the JSON array")
+
+    def _read(self) -> bool:
+        """Append the next read to the text (dropping what is consumed); False at the end of the file."""
+        chunk = "" if self.eof else self.file.read(self.read_characters)
+        if not chunk:
+            self.eof = True
+            return False
+        self.text, self.at = self.text[self.at :] + chunk, 0
+        return True
+
+    def _advance(self, to: int) -> None:
+        self.line += self.text.count("\n", self.at, to)
+        self.at = to
+
+    def _next_character(self) -> str | None:
+        """The next character that is not whitespace (not consumed), or None at the end of the file."""
+        while True:
+            self._advance(self._WHITESPACE.match(self.text, self.at).end())
+            if self.at < len(self.text):
+                return self.text[self.at]
+            if not self._read():
+                return None
+
+    def _element_end(self) -> int | None:
+        """Where the value starting at `at` ends in `text` (reading on as needed), or None if the file ends first."""
+        first = self.text[self.at]
+        if first not in '{["':
+            return self._scalar_end()
+        position, depth, in_string = self.at, 0, False
+        while True:
+            pattern = self._IN_STRING if in_string else self._STRUCTURE
+            found = pattern.search(self.text, position)
+            if found is None or (found.group() == "\\" and found.end() >= len(self.text)):
+                position = len(self.text) if found is None else found.start()  # rescan an escape split by a read
+                consumed = self.at
+                if not self._read():
+                    return None
+                position -= consumed  # the read dropped the characters before `at`
+                continue
+            character, position = found.group(), found.end()
+            if in_string:
+                if character == "\\":
+                    position += 1  # the escaped character, whatever it is
+                    continue
+                in_string = False
+            elif character == '"':
+                in_string = True
+                continue
+            else:
+                depth += 1 if character in "{[" else -1
+            if depth == 0:
+                return position
+
+    def _scalar_end(self) -> int:
+        """The end of a number or literal (not an object: `document_text` says so); it may continue in the next read."""
+        while True:
+            end = self._SCALAR.match(self.text, self.at).end()
+            if end < len(self.text) or not self._read():
+                return end
 
 
 def _text_records(path: Path, text_unit: str) -> Iterator[Record]:
@@ -312,7 +579,7 @@ def _streamed_pieces(path: Path, limit: int) -> Iterator[str]:
     """The file's text in consecutive pieces of at most `limit` characters, cut like `text_pieces`; nothing when it
     is blank (leading blank text is held until the first non-blank character shows the document is not empty)."""
     pending, blank = "", True
-    with path.open(encoding="utf-8-sig", newline=None) as file:
+    with _decompression_errors(path), open_text(path) as file:
         while chunk := file.read(limit):
             pending += chunk
             blank = blank and chunk.isspace()
@@ -423,7 +690,7 @@ def document_text(input_format: str, json_key: str, payload: Any) -> str:
         raise payload
     if isinstance(payload, Piece):
         return payload.text
-    if input_format == "jsonl":
+    if input_format in ("jsonl", "json"):
         return _json_field(payload, json_key)
     return payload
 

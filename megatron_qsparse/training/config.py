@@ -12,9 +12,11 @@ is refused naming ``train.steps``), and ``RANGES`` holds the bounds a value must
 
 import copy
 import dataclasses
+import glob
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Union
 
 import yaml
 
@@ -25,9 +27,18 @@ from megatron_qsparse.parallel.layout import ParallelLayout
 
 @dataclass
 class DataConfig:
+    """``train``/``valid`` are blends of .bin/.idx prefixes, in any of three forms (``TrainConfig.blend``):
+    ``[prefix, ...]`` (equal weights), ``[[weight, prefix], ...]``, or Megatron-LM's flat ``--data-path`` list
+    ``[weight, prefix, weight, prefix, ...]`` (``[0.3, data/a_text_document, 0.7, data/b_text_document]``).
+
+    ``split`` is Megatron-LM's ``--split``: ``"969,30,1"`` (or ``[969, 30, 1]``) divides the documents of
+    ``train`` into train/valid/test parts in those proportions; the valid part is the held-out set, so ``valid``
+    stays empty (set one or the other), and the test part is held out unread. None: all of ``train`` trains."""
+
     tokenizer: Optional[str] = None  # a Hugging Face tokenizer directory
-    train: List = field(default_factory=list)  # prefixes, or [weight, prefix] pairs for a blend
-    valid: List = field(default_factory=list)  # held-out prefixes (evaluation)
+    train: List = field(default_factory=list)  # prefixes, [weight, prefix] pairs, or a flat [w, prefix, ...] blend
+    valid: List = field(default_factory=list)  # held-out prefixes (evaluation), same forms
+    split: Union[str, List, None] = None  # "train,valid,test" proportions of data.train's documents, e.g. "969,30,1"
     sft: Optional[str] = None  # prompt/response JSON lines for train.mode=sft
     sft_valid: Optional[str] = None
     prompt_key: str = "prompt"
@@ -245,16 +256,31 @@ class TrainConfig:
             need(d.sft is not None and Path(d.sft).is_file(), "data.sft", f"{d.sft!r} is not a JSON-lines file")
         else:
             need(bool(d.train), "data.train", "no training data: list .bin/.idx prefixes (tools/preprocess_data.py)")
-            for _, prefix in self.blend(d.train, "data.train") + self.blend(d.valid, "data.valid"):
-                for ext in (".bin", ".idx"):
-                    need(Path(prefix + ext).is_file(), "data", f"{prefix}{ext} does not exist")
+            if d.split is not None:
+                split_weights(d.split, f"{self.source}: data.split")
+                need(
+                    not d.valid,
+                    "data.split",
+                    "holds out a part of data.train for evaluation, and data.valid names another held-out set: "
+                    "choose one (data.split=null, or data.valid=[])",
+                )
+            for key in ("data.train", "data.valid"):
+                for _, prefix in self.blend(getattr(d, key[5:]), key):
+                    for ext in (".bin", ".idx"):
+                        need(Path(prefix + ext).is_file(), key, f"{prefix}{ext} does not exist{_did_you_mean(prefix)}")
         return self
 
     def _resumable(self) -> bool:
         return self.checkpoint.resume and (self.checkpoint_dir / "latest").exists()
 
     def blend(self, entries, key) -> List[tuple]:
-        """``[prefix, ...]`` or ``[[weight, prefix], ...]`` as (weight, prefix) pairs."""
+        """``[prefix, ...]``, ``[[weight, prefix], ...]`` or the flat ``[weight, prefix, weight, prefix, ...]`` of
+        Megatron-LM's ``--data-path`` (megatron-core's ``get_blend_from_list``), as (weight, prefix) pairs.
+
+        A list is flat when one of its entries is a number (or a numeric string, as megatron-core reads them);
+        then it must alternate weight and prefix, every weight > 0."""
+        if _is_flat_blend(entries):
+            return self._flat_blend(entries, key)
         pairs = []
         for entry in entries:
             if isinstance(entry, str):
@@ -265,6 +291,29 @@ class TrainConfig:
                 raise ConfigError(f"{self.source}: {key}: entries are prefixes or [weight, prefix], got {entry!r}")
         return pairs
 
+    def _flat_blend(self, entries, key) -> List[tuple]:
+        where = f"{self.source}: {key}"
+        if len(entries) % 2:
+            raise ConfigError(
+                f"{where}: a flat blend [weight, prefix, weight, prefix, ...] has an even number of entries, got "
+                f"{len(entries)}: {entries!r}; give every prefix its weight"
+            )
+        pairs = []
+        for position in range(0, len(entries), 2):
+            weight, prefix = entries[position], entries[position + 1]
+            if _number(weight) is None:
+                raise ConfigError(
+                    f"{where}: entry {position + 1} ({weight!r}) is not a number: a flat blend alternates "
+                    f"weight, prefix (e.g. [0.3, data/a_text_document, 0.7, data/b_text_document])"
+                )
+            if not isinstance(prefix, str) or _number(prefix) is not None:
+                raise ConfigError(
+                    f"{where}: entry {position + 2} ({prefix!r}) is not a prefix: a flat blend alternates "
+                    f"weight, prefix (e.g. [0.3, data/a_text_document, 0.7, data/b_text_document])"
+                )
+            pairs.append((self._weight((weight, prefix), key), prefix))
+        return pairs
+
     def _weight(self, entry, key) -> float:
         try:
             weight = coerce(entry[0], float, key)
@@ -273,6 +322,52 @@ class TrainConfig:
         if weight <= 0:
             raise ConfigError(f"{self.source}: {key}: the weight of {entry[1]} must be > 0, got {weight}")
         return weight
+
+
+def _number(value) -> Optional[float]:
+    """``value`` as a finite float when it is a number or a numeric string (not a boolean), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_flat_blend(entries) -> bool:
+    return not any(isinstance(e, (list, tuple)) for e in entries) and any(_number(e) is not None for e in entries)
+
+
+def split_weights(split, key: str = "data.split") -> List[float]:
+    """Megatron-LM's ``--split`` (``"969,30,1"``, or a list of 3 numbers) as [train, valid, test] proportions;
+    a ConfigError naming ``key`` unless it is 3 non-negative numbers, train's > 0 (so their sum is too)."""
+    parts = split.split(",") if isinstance(split, str) else split
+    if not isinstance(parts, (list, tuple)) or len(parts) != 3:
+        raise ConfigError(f'{key}: {split!r} is not 3 proportions train,valid,test (e.g. "969,30,1" or [969, 30, 1])')
+    weights = [_number(part.strip() if isinstance(part, str) else part) for part in parts]
+    if any(w is None or w < 0 for w in weights):
+        raise ConfigError(f"{key}: {split!r}: each of train,valid,test must be a number >= 0")
+    if weights[0] <= 0:  # megatron-core would build no training set (and a zero sum splits nothing)
+        raise ConfigError(f"{key}: {split!r}: the train proportion must be > 0 (e.g. 969,30,1)")
+    return weights
+
+
+def _did_you_mean(prefix: str) -> str:
+    """A hint for a prefix whose files are missing but that tools/preprocess_data.py --json-keys (Megatron-LM's
+    naming) wrote at ``PREFIX_<key>_document``: "; did you mean PREFIX_text_document?"."""
+    found = sorted(
+        bin_path[: -len(".bin")]
+        for bin_path in glob.glob(f"{glob.escape(prefix)}_*_document.bin")
+        if Path(bin_path[: -len(".bin")] + ".idx").is_file()
+    )
+    if not found:
+        return ""
+    text_first = sorted(found, key=lambda p: not p.endswith("_text_document"))
+    return (
+        f"; did you mean {' or '.join(text_first[:3])}? (preprocess_data.py --json-keys writes "
+        f"PREFIX_<key>_document.bin/.idx, as Megatron-LM's does)"
+    )
 
 
 def build_config(data: dict, overrides: Iterable[str] = (), source: str = "<dict>") -> TrainConfig:

@@ -28,7 +28,7 @@ from megatron_qsparse.parallel.state import initialize_model_parallel
 from megatron_qsparse.sparsity.stats import activated_parameters
 from megatron_qsparse.training import checkpoint as ckpt
 from megatron_qsparse.training import rundir
-from megatron_qsparse.training.config import TrainConfig
+from megatron_qsparse.training.config import TrainConfig, split_weights
 from megatron_qsparse.training.optimizer import build_engine, discard_step, init_deepspeed_comm
 from megatron_qsparse.training.schedules import lr_and_weight_decay, sparsity_scale
 from megatron_qsparse.training.step import forward_backward, global_mean_loss
@@ -142,6 +142,7 @@ def _build_data(cfg: TrainConfig, tokenizer, world_size: int) -> Data:
             cfg.train.steps * g,
             eval_samples,
             cache,
+            split=split_weights(cfg.data.split) if cfg.data.split is not None else None,  # Megatron-LM's --split
         )
     valid_bytes = valid_tokens = 0
     if valid is not None:

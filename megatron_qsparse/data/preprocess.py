@@ -235,10 +235,11 @@ def _check_arguments(
 def _tokenize_into(
     writer: IndexedWriter, encoded_batches: Iterator[tuple[InputFile, EncodedBatch]], progress: bool
 ) -> None:
-    from tqdm import tqdm
+    from megatron_qsparse.progress import progress as show_progress
 
     started = time.perf_counter()
-    with tqdm(unit="doc", desc="tokenizing", file=sys.stderr, disable=not progress, mininterval=0.5) as bar:
+    # No total: the documents of a file are known only once it is read (a text file can be one, JSON lines many).
+    with show_progress(desc="tokenizing", unit="doc", disable=not progress) as bar:
         for source, encoded in encoded_batches:
             writer.add(source, encoded)
             rate = writer.tokens / max(time.perf_counter() - started, 1e-9)

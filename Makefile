@@ -12,11 +12,12 @@ export DS_ACCELERATOR := cpu
 install: $(STAMP)
 
 # torch is pinned and installed first: the CPU wheel here; a looser pin would pull a CUDA build.
-$(STAMP): setup.py requirements.txt
+$(STAMP): setup.py requirements.txt requirements-eval.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-eval.txt  # the optional lm-eval extra, so its test runs
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

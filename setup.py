@@ -2,11 +2,12 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-requirements = [
-    line.strip()
-    for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
-]
+
+def pinned(name: str) -> list:
+    """The requirement lines of a requirements file beside this one (the pins live there, once)."""
+    lines = Path(__file__).with_name(name).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
 
 setup(
     name="megatron_qsparse",
@@ -21,7 +22,8 @@ setup(
     # without it reports in one line (exit 2) that pretrain_scripts/configs/tiny-cpu.yaml does not exist.
     package_data={"megatron_qsparse.kernels": ["*.cpp", "*.h"]},
     python_requires=">=3.10",
-    install_requires=["torch==2.13.0"] + requirements,
+    install_requires=["torch==2.13.0"] + pinned("requirements.txt"),
+    extras_require={"eval": pinned("requirements-eval.txt")},  # lm-evaluation-harness (docs/huggingface.md)
     entry_points={
         "console_scripts": [
             "qsparse-model-summary=megatron_qsparse.model.summary:main",

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megatron_qsparse.errors import EXIT_IO, DataError, UserError, os_error, run_command  # noqa: E402
+from megatron_qsparse.progress import progress  # noqa: E402
 
 
 def load(model_dir: Path):
@@ -87,9 +88,18 @@ def _text_of(line: str, path: Path, number: int) -> str:
     return text
 
 
+def with_progress(items, desc: str, unit: str):
+    """``items`` one by one, with a progress display (stderr) over their number."""
+    items = list(items)
+    with progress(total=len(items), desc=desc, unit=unit) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
 def heldout_loss(model, tokenizer, texts, seq_length: int):
     nll, tokens, text_bytes = 0.0, 0, 0
-    for text in texts:
+    for text in with_progress(texts, "held-out loss", "doc"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         text_bytes += len(text.encode("utf-8"))
         for start in range(0, max(len(ids) - 1, 0), seq_length):
@@ -126,18 +136,29 @@ def choice_items(texts, context_words: int = 24, answer_words: int = 8, count: i
     return items
 
 
-def choice_accuracy(model, tokenizer, items) -> float:
+def choice_log_likelihoods(model, tokenizer, context: str, choices) -> list:
+    """Each choice's (summed log-probability of its tokens given the context, its number of tokens)."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    scores = []
+    for choice in choices:
+        cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(ctx + cont)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]
+        picked = logp[len(ctx) - 1 :, :].gather(-1, ids[0, len(ctx) :, None])
+        scores.append((float(picked.sum()), len(cont)))
+    return scores
+
+
+def choice_accuracy(model, tokenizer, items, per_token: bool = True) -> float:
+    """The share of items whose best-scored choice is the answer. A choice's score is the mean log-probability of
+    its tokens (``per_token``, the table's), or their sum: lm-evaluation-harness's "acc" for the same items."""
     correct = 0
-    for context, choices, answer in items:
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        scores = []
-        for choice in choices:
-            cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor(ctx + cont)[None]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]
-            picked = logp[len(ctx) - 1 :, :].gather(-1, ids[0, len(ctx) :, None])
-            scores.append(float(picked.mean()))
+    for context, choices, answer in with_progress(items, "multiple choice", "item"):
+        scores = [
+            total / count if per_token else total
+            for total, count in choice_log_likelihoods(model, tokenizer, context, choices)
+        ]
         correct += int(max(range(len(choices)), key=scores.__getitem__) == answer)
     return correct / max(len(items), 1)
 

@@ -7,6 +7,10 @@ so the only `eod` in a preprocessed corpus is the one appended after each docume
 
 `tokenizer_fingerprint` is what a corpus records of its tokenizer (`PREFIX.meta.json`, see `indexed`), and what
 training compares it with.
+
+`save_tokenizer` writes every tokenizer directory the project makes (a trained BPE, the tokenizer of an HF export or
+import) so that it loads under transformers 5 and 4.x alike (`AutoTokenizer`, and through it megatron-core's
+`HuggingFaceTokenizer`, lm-evaluation-harness, ...).
 """
 
 from __future__ import annotations
@@ -22,13 +26,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_qsparse.atomic import atomic_directory
+from megatron_qsparse.atomic import atomic_directory, write_json
 from megatron_qsparse.data.readers import SkippedRecords, iter_text_pieces, offline_hugging_face
 from megatron_qsparse.errors import EXIT_NO_INPUT, UserError, os_error
 
 END_OF_TEXT = "<|endoftext|>"
 # What save_pretrained writes for one kind of tokenizer or another; a directory with none of them is not one.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# transformers 5 saves a tokenizers-backed tokenizer as "TokenizersBackend", a class transformers 4.x does not have
+# ("Tokenizer class TokenizersBackend does not exist"); under 5 "PreTrainedTokenizerFast" is an alias of it, and
+# under 4.x the same class: one name both resolve to the same tokenizer, read from the same tokenizer.json.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+TRANSFORMERS5_ONLY_CLASSES = ("TokenizersBackend",)
+# How the copy that was re-saved had been loaded (from_pretrained's arguments, which transformers 5 saves too), not
+# what the tokenizer is: a directory written with them would carry local_files_only=True to wherever it goes next.
+LOAD_TIME_KEYS = ("local_files_only", "is_local")
 # 256 byte symbols plus <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
 MIN_VOCAB_SIZE = 257
 # The most characters given to the BPE trainer as one text: a long document goes in pieces (`readers.text_pieces`,
@@ -177,14 +189,19 @@ def train_bpe_tokenizer(
         raise TokenizerError(f"{output_dir} already exists and is not an empty directory; remove it or pick another")
     bad = SkippedRecords(skip_bad, log)
     texts = _Counted(
-        iter_text_pieces(files, json_key=text_field, text_unit="paragraph", on_bad=bad, limit=TRAINING_PIECE_CHARACTERS)
+        iter_text_pieces(
+            files, json_key=text_field, text_unit="paragraph", on_bad=bad, limit=TRAINING_PIECE_CHARACTERS
+        ),
+        _input_bytes(files),
     )
     with contextlib.ExitStack() as stack:
         # Not replace=True: an output directory that is not empty was refused above; an empty one is replaced.
         with failures_named(output_dir):
             staging = stack.enter_context(atomic_directory(output_dir))
         backend = _byte_level_bpe()
-        backend.train_from_iterator(texts, _bpe_trainer(vocab_size, min_frequency))
+        log(f"reading the text, then learning a {vocab_size:,}-token vocabulary")
+        with texts:
+            backend.train_from_iterator(texts, _bpe_trainer(vocab_size, min_frequency))
         if bad.counts:
             log(f"skipped: {bad.summary()}")
         if texts.count == 0:
@@ -195,15 +212,33 @@ def train_bpe_tokenizer(
 
 
 class _Counted:
-    """An iterator that counts what it yields."""
+    """An iterator that counts what it yields, and shows it: UTF-8 bytes of text against the input files' size
+    (a total only for plain files: compressed ones would overshoot it; JSON syntax makes it end a little short)."""
 
-    def __init__(self, items: Iterator[str]) -> None:
+    def __init__(self, items: Iterator[str], total_bytes) -> None:
+        from megatron_qsparse.progress import progress
+
         self.items, self.count = items, 0
+        self.bar = progress(total=total_bytes, desc="tokenizer text", unit="B")
 
     def __iter__(self) -> Iterator[str]:
         for item in self.items:
             self.count += 1
+            self.bar.update(len(item.encode("utf-8")))
             yield item
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _input_bytes(files) -> int | None:
+    paths = [Path(f) for f in files]
+    if any(p.suffix in (".gz", ".xz", ".zst") or not p.is_file() for p in paths):
+        return None
+    return sum(p.stat().st_size for p in paths)
 
 
 @contextlib.contextmanager
@@ -256,4 +291,36 @@ def _save(backend: Any, directory: Path) -> None:
         pad_token=END_OF_TEXT,
         clean_up_tokenization_spaces=False,
     )
+    save_tokenizer(hf_tokenizer, directory)
+
+
+def save_tokenizer(hf_tokenizer: Any, directory: str | os.PathLike) -> Path:
+    """`hf_tokenizer.save_pretrained(directory)`, then `make_portable(directory)`."""
+    directory = Path(directory)
     hf_tokenizer.save_pretrained(str(directory))
+    make_portable(directory)
+    return directory
+
+
+def make_portable(directory: str | os.PathLike) -> bool:
+    """Name a transformers-5-only tokenizer class in `directory`'s tokenizer_config.json by the name transformers 4.x
+    knows too (`PORTABLE_TOKENIZER_CLASS`), and drop the `LOAD_TIME_KEYS`; the tokenizer itself (tokenizer.json,
+    special tokens) is untouched. True if the file was rewritten. The class is renamed only beside a tokenizer.json:
+    that is the file it reads."""
+    directory = Path(directory)
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"{config_path} is not valid JSON ({error}); save the tokenizer again") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_path} is not a JSON object; save the tokenizer again")
+    portable = {key: value for key, value in config.items() if key not in LOAD_TIME_KEYS}
+    if portable.get("tokenizer_class") in TRANSFORMERS5_ONLY_CLASSES and (directory / "tokenizer.json").is_file():
+        portable["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    if portable == config:
+        return False
+    write_json(config_path, portable)
+    return True

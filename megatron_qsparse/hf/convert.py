@@ -32,6 +32,7 @@ from megatron_qsparse.model.checkpoint import (
 )
 from megatron_qsparse.model.config import QSparseConfig
 from megatron_qsparse.model.manifest import write_manifest
+from megatron_qsparse.progress import progress
 
 # ---- inputs and the output directory: one-line errors that name the path --------------------------------------
 # How safetensors (Rust) and torch word ENOSPC when they raise without an errno.
@@ -140,6 +141,29 @@ def _disk_full(err: BaseException) -> bool:
     return False
 
 
+# ---- progress: tensors converted of the total -------------------------------------------------------------------
+class _CountedTensors(dict):
+    """A state dict that advances a progress bar each time a mapping reads one of its tensors: the mappings of
+    ``weights.py`` read every tensor they convert once, by key, so the count is the tensors converted so far."""
+
+    def __init__(self, state: Tensors, bar):
+        super().__init__(state)
+        self.bar = bar
+
+    def __getitem__(self, key):
+        tensor = super().__getitem__(key)
+        self.bar.update(1)
+        return tensor
+
+
+def _converted(mapping, state: Tensors, cfg: QSparseConfig, desc: str) -> Tensors:
+    """``mapping(state, cfg)`` with a progress display over the tensors it converts (one per model key)."""
+    from megatron_qsparse.hf.weights import _key_map
+
+    with progress(total=len(_key_map(cfg)), desc=desc, unit="tensor") as bar:
+        return mapping(_CountedTensors(state, bar), cfg)
+
+
 # ---- export --------------------------------------------------------------------------------------------------
 def _inlined_ops_source() -> str:
     """The project's top-K and quantizer modules, verbatim, as the exported ``qsparse_ops.py``."""
@@ -175,7 +199,7 @@ def save_hf_model(
     from megatron_qsparse.hf.modeling_qsparse import QSparseForCausalLM
 
     with writing_output(output), atomic_directory(output) as tmp:
-        hf_state = megatron_to_hf(state, cfg)
+        hf_state = _converted(megatron_to_hf, state, cfg, "export: converting tensors")
         if stock_format:
             _save_stock(hf_state, cfg, tmp)
         else:
@@ -189,11 +213,19 @@ def save_hf_model(
             # Replaces the package's re-export: the export's remote code then needs only torch and transformers.
             (tmp / "qsparse_ops.py").write_text(_inlined_ops_source())
         if tokenizer is not None:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True).save_pretrained(tmp)
+            _copy_tokenizer(tokenizer, tmp)
     log(f"wrote {output}")
     return output
+
+
+def _copy_tokenizer(source: Path, directory: Path) -> None:
+    """Re-save the tokenizer in ``source`` into ``directory``, loadable by transformers 4.x as well as 5
+    (``data.tokenizer.save_tokenizer``): the exports are read by tools pinned to either."""
+    from transformers import AutoTokenizer
+
+    from megatron_qsparse.data.tokenizer import save_tokenizer
+
+    save_tokenizer(AutoTokenizer.from_pretrained(str(source), local_files_only=True), directory)
 
 
 def _save_stock(hf_state: Tensors, cfg: QSparseConfig, directory: Path) -> None:
@@ -242,16 +274,14 @@ def import_stock(hf_dir: Path, output: Path, log=print) -> Path:
     stock = _read_stock_weights(hf_dir)
     if cfg.tie_embeddings:
         stock.pop("lm_head.weight", None)
-    state = hf_to_megatron(stock_to_hf(stock, cfg), cfg)
+    state = _converted(hf_to_megatron, stock_to_hf(stock, cfg), cfg, "import: converting tensors")
     log(
         f"{config['model_type']}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads "
         f"{cfg.num_attention_heads}/{cfg.query_groups}, vocab {cfg.vocab_size}"
     )
     out = save_megatron_checkpoint(state, cfg, output, source=str(hf_dir))
     if (hf_dir / "tokenizer_config.json").exists() or (hf_dir / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(out / "tokenizer")
+        _copy_tokenizer(hf_dir, out / "tokenizer")
     log(f"wrote {out} (use it as train.init_from; model section: {json.dumps(cfg.to_dict())})")
     return out
 

@@ -57,7 +57,15 @@ def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     source.mkdir()
-    for name in ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "requirements.txt", "README.md"):
+    for name in (
+        "setup.py",
+        "setup.cfg",
+        "pyproject.toml",
+        "MANIFEST.in",
+        "requirements.txt",
+        "requirements-eval.txt",
+        "README.md",
+    ):
         if (REPO / name).exists():
             shutil.copy2(REPO / name, source / name)
     shutil.copytree(PACKAGE, source / "megatron_qsparse", ignore=shutil.ignore_patterns("__pycache__", "*.so"))

@@ -138,7 +138,7 @@ def preprocess(
             writer = IndexedWriter(temp[".bin"], dtype, skip_bad, log, output_bin=outputs[".bin"])
             try:
                 work = batches(sources, json_key, text_unit)
-                _tokenize_into(writer, in_order(pool, work, window=2 * workers + 2), progress)
+                _tokenize_into(writer, in_order(pool, work, window=2 * workers + 2), progress, _text_size(sources))
                 if writer.documents == 0:
                     raise PreprocessError("no documents to write: every record was skipped")
             except BaseException:
@@ -232,16 +232,29 @@ def _check_arguments(
     return resolve_inputs(inputs, input_format)
 
 
+def _text_size(sources: list[InputFile]) -> int | None:
+    """The inputs' size in bytes, the progress total, for uncompressed text and JSON files (JSON's syntax makes the
+    display end a little short of it); None where the text's size is not the file's (compressed, parquet, ...)."""
+    if any(s.format not in ("text", "jsonl", "json") or s.path.suffix in (".gz", ".xz", ".zst") for s in sources):
+        return None
+    return sum(s.path.stat().st_size for s in sources)
+
+
 def _tokenize_into(
-    writer: IndexedWriter, encoded_batches: Iterator[tuple[InputFile, EncodedBatch]], progress: bool
+    writer: IndexedWriter,
+    encoded_batches: Iterator[tuple[InputFile, EncodedBatch]],
+    progress: bool,
+    total_bytes: int | None = None,
 ) -> None:
     from megatron_qsparse.progress import progress as show_progress
 
     started = time.perf_counter()
-    # No total: the documents of a file are known only once it is read (a text file can be one, JSON lines many).
-    with show_progress(desc="tokenizing", unit="doc", disable=not progress) as bar:
+    # Measured in text bytes against the input size where that is the total; else in documents, without one (a
+    # file's documents are known only once it is read).
+    unit = "B" if total_bytes else "doc"
+    with show_progress(total=total_bytes or None, desc="tokenizing", unit=unit, disable=not progress) as bar:
         for source, encoded in encoded_batches:
             writer.add(source, encoded)
             rate = writer.tokens / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
-            bar.update(len(encoded.lengths))
+            bar.set_postfix_str(f"{writer.documents:,} documents, {rate:,.0f} tokens/s", refresh=False)
+            bar.update(encoded.text_bytes if total_bytes else len(encoded.lengths))

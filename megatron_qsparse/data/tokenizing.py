@@ -54,6 +54,7 @@ class EncodedBatch:
     lengths: list[int]  # each record's share of `tokens`
     ends: list[bool]  # whether each record ends its document
     bad: list[tuple[int, BadRecord]]
+    text_bytes: int = 0  # UTF-8 bytes of the records' text: the progress display's measure
 
 
 def batches(sources: list[InputFile], json_key: str, text_unit: str) -> Iterator[tuple[InputFile, Batch]]:
@@ -106,7 +107,7 @@ def _encode_batch(batch: Batch) -> EncodedBatch:
         parts.extend(ids + [eod] if end else ids)
         lengths.append(sum(len(part) for part in ids) + (1 if end else 0))
     tokens = np.concatenate(parts) if parts else np.empty(0, dtype=_worker_dtype)
-    return EncodedBatch(tokens, lengths, ends, bad)
+    return EncodedBatch(tokens, lengths, ends, bad, sum(len(t.encode("utf-8")) for t in texts))
 
 
 def _tokenize_each(texts: list[str]) -> list[list[np.ndarray]]:

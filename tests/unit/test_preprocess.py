@@ -263,6 +263,13 @@ def test_cli_writes_and_summarizes(tokenizer_dir, tmp_path, capsys):
     assert len(read_back(tmp_path / "cli")) == 23
     err = capsys.readouterr().err
     assert "wrote 23 documents" in err and f"-> {tmp_path / 'cli.bin'}, {tmp_path / 'cli.idx'}" in err
+    # Progress in a log: text bytes against the input's size (JSON syntax keeps it a little short), then "done".
+    shown = [line for line in err.splitlines() if line.startswith("tokenizing: ")]
+    size = f"{SLICE.stat().st_size:,}"
+    assert shown and all(f"/{size} B" in line for line in shown), shown
+    assert ", done (23 documents, " in shown[-1], shown[-1]
+    text_bytes = sum(len(t.encode("utf-8")) for t in TEXTS)
+    assert f" {text_bytes:,}/{size} B" in shown[-1]
 
 
 def test_cli_exits_2_on_bad_input(tokenizer_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ removes its temporary output and terminates the pool; a worker's own traceback w
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -163,7 +164,13 @@ def worker_pool(workers: int, tokenizer_path: Path, dtype: type[np.number]) -> A
     # (Python prints "Exception ignored" and carries on), and a worker must not get one before it ignores it. The
     # pool's threads, started now, inherit the mask and leave the signals to the main thread.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    # A forked child's garbage collector must never traverse what it inherited: native objects of the parent's
+    # libraries (torch, the tokenizers' thread pool) can crash it there, and the pool would restart the crashing
+    # worker for ever. Frozen objects are never collected; the parent unfreezes once the workers exist.
+    gc.collect()
+    gc.freeze()
     try:
         return context.Pool(workers, initializer=_start_worker, initargs=(str(tokenizer_path), dtype))
     finally:
+        gc.unfreeze()
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -170,7 +170,7 @@ class Trainer:
         self.model = self._build_model()
         self.resume_from, self.run_id = on_rank_0(self._claim_run_directory)
         if self.resume_from is None and cfg.train.init_from:
-            source = ckpt.resolve_checkpoint(Path(cfg.train.init_from))
+            source = on_rank_0(ckpt.resolve_checkpoint, Path(cfg.train.init_from))  # hashed once, not per rank
             _check_same_shape(source, cfg)
             console(f"initializing weights from {source}")
             ckpt.load_model(self.model, source)

@@ -10,6 +10,8 @@ import pytest
 
 # megatron's fused ops go through torch.compile: seconds per op per process on CPU.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# The Triton kernels run in Triton's CPU interpreter here (read when a kernel module is imported): `-k triton`.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # Hermetic and offline: a private Hugging Face cache, no hub; set before `datasets` is first imported.
 _HF_HOME = tempfile.mkdtemp(prefix="qsparse-hf-")
 atexit.register(shutil.rmtree, _HF_HOME, True)

@@ -249,12 +249,14 @@ def microbatches(
     micro_batch: int,
     dp_rank: int,
     dp_size: int,
+    offset: int = 0,
 ) -> List[Dict[str, torch.Tensor]]:
     """The microbatches data-parallel rank ``dp_rank`` trains on at ``step``: global batch ``step`` is samples
-    ``[step·G, (step+1)·G)``, split into contiguous per-rank slices, then into microbatches. A function of the
-    step alone, so a resumed run reads exactly what the interrupted one would have."""
+    ``offset + [step·G, (step+1)·G)``, split into contiguous per-rank slices, then into microbatches. A function
+    of the step alone, so a resumed run reads exactly what the interrupted one would have (``offset``: a resume
+    under another global batch size continues from the samples consumed, see the trainer)."""
     per_rank = global_batch // dp_size
-    first = step * global_batch + dp_rank * per_rank
+    first = offset + step * global_batch + dp_rank * per_rank
     out = []
     for start in range(first, first + per_rank, micro_batch):
         samples = [dataset[i % len(dataset)] for i in range(start, start + micro_batch)]

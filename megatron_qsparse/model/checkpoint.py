@@ -6,7 +6,8 @@ so that neither imports the other. Layout on disk::
 
     <root>/latest                           name of the newest verified checkpoint (replaced atomically)
     <root>/step_0000100/model/              megatron-core dist_checkpointing (torch_dist)
-    <root>/step_0000100/optimizer/rank_00003.pt
+    <root>/step_0000100/optimizer/          the optimizer state, dist_checkpointing too (any layout; format 1
+                                            held optimizer/rank_00003.pt, ZeRO partitions for its own layout)
     <root>/step_0000100/rng/rank_00003.pt
     <root>/step_0000100/manifest.json       size and sha256 of every file above (model/manifest.py)
     <root>/step_0000100/trainer_state.json  written last, before the rename: marks the directory complete
@@ -98,18 +99,25 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> dict:
 
 
 def _check_structure(path: Path, state: dict) -> None:
-    model_dir = path / "model"
-    safe_load.check_mcore_config(model_dir)
-    safe_load.check_extents(model_dir, safe_load.read_dcp_metadata(model_dir / safe_load.DCP_METADATA))
-    for archive in sorted(model_dir.glob("*.pt")):
-        _check_archive(archive)
+    _check_dist_dir(path / "model")
     world_size = state.get("world_size")
     for kind in RANK_KINDS:
         if not (path / kind).is_dir():
             continue  # a weights-only checkpoint (an import, a test fixture) has no optimizer or RNG states
+        if (path / kind / safe_load.DCP_METADATA).is_file():
+            _check_dist_dir(path / kind)  # the layout-independent optimizer state
+            continue
         ranks = range(world_size) if isinstance(world_size, int) else ()
         for name in sorted({rank_file_name(r) for r in ranks} | {p.name for p in (path / kind).glob("*.pt")}):
             _check_archive(path / kind / name)
+
+
+def _check_dist_dir(directory: Path) -> None:
+    """A megatron-core distributed checkpoint: its config, its index against its files, its archives."""
+    safe_load.check_mcore_config(directory)
+    safe_load.check_extents(directory, safe_load.read_dcp_metadata(directory / safe_load.DCP_METADATA))
+    for archive in sorted(directory.glob("*.pt")):
+        _check_archive(archive)
 
 
 def _check_archive(path: Path) -> None:

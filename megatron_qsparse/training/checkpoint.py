@@ -1,7 +1,7 @@
-"""Writing and resuming checkpoints: the model as a megatron-core distributed checkpoint (loadable under any
-TP/PP layout), each rank's DeepSpeed ZeRO optimizer partition, each rank's RNG states, the manifest and the
-trainer state (step, run id, config, layout). The format, its checks and its reading live in
-``model/checkpoint.py``.
+"""Writing and resuming checkpoints: the model and the optimizer state as megatron-core distributed checkpoints
+(both loadable under any TP/PP/DP/EP layout, world size and ZeRO stage: ``optimizer_state.py``), each rank's RNG
+states, the manifest and the trainer state (step, run id, config, layout, samples consumed). The format, its
+checks and its reading live in ``model/checkpoint.py``.
 
 A save (:func:`save_checkpoint`, collective) writes everything under ``<root>/.tmp-step_0000100``; once every
 rank's files are on disk the ranks hash a share of them each and rank 0 writes ``manifest.json`` (size and
@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_qsparse import atomic, errors
 from megatron_qsparse.errors import CheckpointError
+from megatron_qsparse.model import safe_load
 from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side, re-exported for the trainer)
     LATEST,
     MANIFEST,
@@ -48,7 +49,8 @@ from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side
 )
 from megatron_qsparse.model.manifest import hash_files, listed_files, read_manifest, write_manifest
 from megatron_qsparse.model.safe_load import load_weights_only
-from megatron_qsparse.training.optimizer import load_zero_partition, save_zero_partition
+from megatron_qsparse.training.optimizer import load_zero_partition
+from megatron_qsparse.training.optimizer_state import load_optimizer_state, sharded_optimizer_state
 
 # Below this much free space a failed save is taken for a full disk (torch's writers lose the errno).
 FULL_DISK_MARGIN = 64 * 2**20
@@ -86,6 +88,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def rederive_rng(seed: int) -> None:
+    """Fresh RNG states for a resume under another layout (whose ranks' saved streams do not map onto the new
+    ranks): torch, Python and NumPy from ``seed``, megatron-core's tracker per TP/EP rank from it."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    model_parallel_cuda_manual_seed(seed)
+
+
 # ---- saving -------------------------------------------------------------------------------------------------
 def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, keep: int = 2) -> Path:
     """Collective: every rank calls it. Returns the final directory. CheckpointError (before anything is
@@ -108,7 +121,7 @@ def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, k
 
     def write_rank_files():
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-        save_zero_partition(engine, _rank_file(tmp, "optimizer"))
+        save_optimizer_state(model, engine, tmp / "optimizer")
         torch.save(rng_state(), _rank_file(tmp, "rng"))
 
     _collectively(prepare, final, tmp, needed)  # its all-reduce is also the barrier before the writes
@@ -305,9 +318,31 @@ def _verifies(directory: Path) -> bool:
     return True
 
 
+def save_optimizer_state(model, engine, directory: Path) -> None:
+    """Collective: the layout-independent optimizer state (``optimizer_state.py``) as a distributed checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sharded_optimizer_state(model, engine), str(directory))
+
+
 # ---- resuming -----------------------------------------------------------------------------------------------
-def load_optimizer_and_rng(engine, path: Path) -> None:
-    """This rank's ZeRO partition and RNG states; only valid for the layout and world size that saved them."""
-    load_zero_partition(engine, _rank_file(Path(path), "optimizer"))
+def has_reshardable_optimizer(path: Path) -> bool:
+    """Written with the layout-independent optimizer state (a distributed checkpoint), not per-rank ZeRO files
+    (checkpoints of trainer format 1, which resume under their own layout only)."""
+    return (Path(path) / "optimizer" / safe_load.DCP_METADATA).is_file()
+
+
+def load_optimizer(model, engine, path: Path) -> None:
+    """Collective: the optimizer state of checkpoint ``path`` into the engine, whatever layout wrote it (a
+    format-1 checkpoint: this rank's ZeRO partition, same layout only)."""
+    path = Path(path)
+    if not has_reshardable_optimizer(path):
+        load_zero_partition(engine, _rank_file(path, "optimizer"))
+        return
+    load_optimizer_state(model, engine, lambda template: safe_load.load_dist_checkpoint(template, path / "optimizer"))
+
+
+def load_rng(path: Path) -> None:
+    """This rank's RNG states as the same rank of the same layout saved them."""
     rng_file = _rank_file(Path(path), "rng")
     set_rng_state(load_weights_only(rng_file, str(rng_file)))

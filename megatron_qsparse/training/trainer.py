@@ -176,7 +176,7 @@ class Trainer:
             ckpt.load_model(self.model, source)
         self.num_microbatches = cfg.num_microbatches(self.world_size)
         self.engine = self._build_engine()
-        self.start_step = 0
+        self.start_step = self.sample_offset = 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
         self.tokenizer = self._load_tokenizer()
@@ -248,27 +248,50 @@ class Trainer:
             "world_size": self.world_size,
             "config": self.cfg.to_dict(),
             "run_id": self.run_id,
-            "format": 1,
+            "format": 2,  # 2: the optimizer state is layout-independent (optimizer_state.py)
         }
 
     def _resume(self, path: Path) -> None:
+        """Weights and optimizer state under this layout, whatever layout wrote them; the RNG states of the same
+        rank where the layout is the same (exact resume), else re-derived from the seed and the step."""
         state = ckpt.read_trainer_state(path)
-        if state["layout"] != vars(self.layout) or state["world_size"] != self.world_size:
+        saved = f"layout {state['layout']} on {state['world_size']} processes"
+        same_layout = state["layout"] == vars(self.layout) and state["world_size"] == self.world_size
+        if not same_layout and not ckpt.has_reshardable_optimizer(path):
             raise UserError(
-                f"{path} was written with layout {state['layout']} on {state['world_size']} processes; resuming "
-                f"needs the same (ZeRO optimizer partitions are per rank). To start a new run from its weights "
-                f"under this layout: --set train.init_from={path} --set log.run_dir=NEW"
+                f"{path} was written with {saved} in the older per-rank optimizer format, which resumes under "
+                f"that layout only. To start a new run from its weights under this layout: "
+                f"--set train.init_from={path} --set log.run_dir=NEW"
             )
         ckpt.load_model(self.model, path)
-        ckpt.load_optimizer_and_rng(self.engine, path)
+        ckpt.load_optimizer(self.model, self.engine, path)
         self.start_step = state["step"]
-        console(f"resumed from {path} at step {self.start_step}")
+        self.sample_offset = self._sample_offset(state)
+        if same_layout:
+            ckpt.load_rng(path)
+            console(f"resumed from {path} at step {self.start_step}")
+            return
+        ckpt.rederive_rng(self.cfg.train.seed + self.start_step)
+        console(
+            f"resumed from {path} at step {self.start_step}, written with {saved}: weights and optimizer state "
+            f"resharded to layout {vars(self.layout)} on {self.world_size} processes; RNG states re-derived from "
+            f"train.seed and the step (the same layout would have resumed them exactly)"
+        )
+
+    def _sample_offset(self, state: dict) -> int:
+        """Where the data stream continues, in global samples: the saved run consumed ``consumed_samples``; a
+        new global batch size continues from that sample, not from ``step · new size``."""
+        consumed = state.get("consumed_samples", state["step"] * self.cfg.batch.global_batch_size)
+        return consumed - state["step"] * self.cfg.batch.global_batch_size
+
+    def consumed_samples(self, step: int) -> int:
+        return self.sample_offset + step * self.cfg.batch.global_batch_size
 
     def save(self, step: int) -> Path:
         t0 = time.time()
-        path = ckpt.save_checkpoint(
-            self.cfg.checkpoint_dir, step, self.model, self.engine, self._trainer_state(), self.cfg.checkpoint.keep
-        )
+        state = dict(self._trainer_state(), consumed_samples=self.consumed_samples(step))
+        keep = self.cfg.checkpoint.keep
+        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, step, self.model, self.engine, state, keep)
         console(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
         return path
 
@@ -284,6 +307,7 @@ class Trainer:
             self.cfg.batch.micro_batch_size,
             ps.get_data_parallel_rank(),
             ps.get_data_parallel_world_size(),
+            offset=self.sample_offset if dataset is self.data.train else 0,
         )
 
     def _forward(self, tokens, positions):

@@ -13,7 +13,7 @@ rank alone already supplies at least as many ties as are needed, so later ranks 
 import torch
 import torch.distributed as dist
 
-from megatron_qsparse.sparsity.topk import block_topk_mask, kept_count, select_by_threshold, topk_mask
+from megatron_qsparse.sparsity.topk import block_topk_mask, kept_count, select_by_threshold, topk_mask, triton_kernel
 
 
 def group_size(group) -> int:
@@ -37,6 +37,8 @@ def sharded_topk_mask(x_local: torch.Tensor, k: int, group) -> torch.Tensor:
         return torch.ones_like(x_local, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x_local, dtype=torch.bool)
+    if triton_kernel("topk_values", x_local) is not None:
+        return _sharded_topk_mask_triton(x_local, k, group)
     mag = x_local.detach().abs().float()
     candidates = torch.topk(mag, min(k, local_size), dim=-1, sorted=False).values
     per_rank = all_gather_stacked(candidates, group)  # [world, ..., k_local]
@@ -45,6 +47,18 @@ def sharded_topk_mask(x_local: torch.Tensor, k: int, group) -> torch.Tensor:
     ties_needed = k - (pooled > kth).sum(-1, keepdim=True)
     ties_before = (per_rank[: dist.get_rank(group)] == kth).sum(dim=(0, -1)).unsqueeze(-1)
     return select_by_threshold(mag, kth, ties_needed, ties_before)
+
+
+def _sharded_topk_mask_triton(x_local: torch.Tensor, k: int, group) -> torch.Tensor:
+    """The same three steps through the Triton selection kernels (CUDA): no sort of the pool either."""
+    from megatron_qsparse.kernels import triton_routes
+
+    candidates = triton_routes.kernel("topk_values")(x_local.detach(), min(k, x_local.shape[-1]))
+    per_rank = all_gather_stacked(candidates, group)
+    pooled = per_rank.movedim(0, -2).flatten(-2)
+    kth, greater = triton_routes.kernel("kth_and_greater")(pooled, k)
+    ties_before = (per_rank[: dist.get_rank(group)] == kth).sum(dim=(0, -1)).unsqueeze(-1)
+    return triton_routes.kernel("threshold_mask")(x_local.detach(), kth, k - greater, ties_before)
 
 
 def check_block_fits_shard(shard_size: int, block_size: int, world: int, site: str = "input") -> None:

@@ -5,15 +5,16 @@ passes straight through the rounding (STE). The scale (``alpha`` for weights, ``
 activations) can be supplied by the caller, which is how tensor parallelism reduces it over the whole weight /
 the whole row (see ``megatron_qsparse.parallel.sharded_quant``).
 
-On CPU the compiled ops (``megatron_qsparse.kernels``) do each quantizer in one pass over the tensor; torch's
-route below (the definition, used on accelerators and without a compiler) makes ~5 passes. Same values: tested.
+On CPU the compiled ops (``megatron_qsparse.kernels``), on CUDA the Triton kernels (``kernels/triton_bitnet.py``)
+do each quantizer in one pass over the tensor; torch's route below (the definition, used elsewhere and without a
+compiler or Triton) makes ~5 passes. Same values: tested.
 """
 
 from typing import Callable, Optional
 
 import torch
 
-from megatron_qsparse.sparsity.topk import compiled
+from megatron_qsparse.sparsity.topk import compiled, triton_kernel
 
 EPS = 1e-5
 ACT_LEVELS = 127
@@ -24,6 +25,9 @@ def abs_sum(w: torch.Tensor) -> torch.Tensor:
     rounds to the very same fp32 alpha (fp32 sums in another order would differ in the last bit and flip the
     ternary code of weights sitting on a rounding boundary)."""
     w = w.detach()
+    kernel = triton_kernel("abs_sum", w)
+    if kernel is not None:
+        return kernel(w)
     op = compiled("abs_sum", w)
     return op(w.contiguous()) if op is not None else w.abs().sum(dtype=torch.float64)
 
@@ -56,6 +60,9 @@ def _ternary_levels(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def _ternary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    kernel = triton_kernel("ternary", w)
+    if kernel is not None:
+        return kernel(w, alpha)
     op = compiled("ternary", w)
     if op is not None:
         return op(w.contiguous(), alpha)
@@ -63,8 +70,12 @@ def _ternary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def _int8(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    per_row = gamma.numel() * x.shape[-1] == x.numel()  # one gamma per row, not broadcast
+    kernel = triton_kernel("int8_levels", x)
+    if kernel is not None and per_row:
+        return kernel(x, gamma)
     op = compiled("int8_levels", x)
-    if op is not None and gamma.numel() * x.shape[-1] == x.numel():  # one gamma per row, not broadcast
+    if op is not None and per_row:
         return op(x.contiguous(), gamma.contiguous())
     levels = (x.float() * (ACT_LEVELS / gamma)).round_().clamp_(-ACT_LEVELS - 1, ACT_LEVELS)
     return levels.mul_(gamma / ACT_LEVELS).to(x.dtype)
@@ -89,5 +100,8 @@ def ternary_codes(w: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torc
 
 def quantize_activation_int8(x: torch.Tensor, gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``RoundClip(127 x / gamma, -128, 127) * gamma / 127`` per token, gamma = max|x| (clamped); STE."""
+    fused = triton_kernel("int8_absmax", x) if gamma is None else None
+    if fused is not None:  # the scale and the levels in one pass over each row
+        return _StraightThrough.apply(x, fused)
     gamma = (absmax_scale(x) if gamma is None else gamma).clamp(min=EPS)
     return _StraightThrough.apply(x, lambda t: _int8(t, gamma))

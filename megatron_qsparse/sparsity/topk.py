@@ -65,16 +65,30 @@ def compiled(name: str, x: torch.Tensor):
     return compiled_op(name, x)
 
 
+def triton_kernel(name: str, x: torch.Tensor):
+    """The package's Triton route ``name`` for ``x`` (a CUDA tensor, Triton installed: see
+    ``megatron_qsparse.kernels.triton_routes``), else None, as in a standalone exported Hugging Face model."""
+    try:
+        from megatron_qsparse.kernels.triton_routes import triton_op
+    except ImportError:
+        return None
+    return triton_op(name, x)
+
+
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mask keeping exactly the ``k`` largest ``|x|`` of each row (last dim), lower index first on ties.
 
     On CPU the compiled selection runs when available (3-5x cheaper than ``kthvalue``, which was most of a
-    Q-Sparse training step's overhead); it is tested equal to the torch route, which stays the definition."""
+    Q-Sparse training step's overhead), on CUDA the Triton selection (one pass per row instead of topk's sort);
+    both are tested equal to the torch route, which stays the definition."""
     size = x.shape[-1]
     if k >= size:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
+    kernel = triton_kernel("topk_mask", x)
+    if kernel is not None:
+        return kernel(x.detach(), k)
     if x.device.type == "cpu":  # the compiled selection ranks fp32 magnitudes too: fp16 / fp64 are converted
         ranked = x.detach() if x.dtype in (torch.float32, torch.bfloat16) else x.detach().float()
         op = compiled("topk_mask", ranked)
@@ -105,6 +119,9 @@ def block_topk_mask(x: torch.Tensor, sparsity: float, block_size: int) -> torch.
     size = x.shape[-1]
     if size % block_size:
         raise ValueError(f"block sparsity needs the hidden size ({size}) to be a multiple of block_size ({block_size})")
+    kernel = triton_kernel("block_topk_mask", x)
+    if kernel is not None:
+        return kernel(x.detach(), kept_count(sparsity, block_size), block_size)
     blocks = x.reshape(*x.shape[:-1], size // block_size, block_size)
     return topk_mask(blocks, kept_count(sparsity, block_size)).reshape(x.shape)
 

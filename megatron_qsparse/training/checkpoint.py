@@ -119,12 +119,14 @@ def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, k
             for sub in ("model", "optimizer", "rng"):
                 (tmp / sub).mkdir(parents=True)
 
-    def write_rank_files():
+    def write_rank_files():  # DCP's saves fail on every rank together; the RNG file is this rank's alone
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-        save_optimizer_state(model, engine, tmp / "optimizer")
-        torch.save(rng_state(), _rank_file(tmp, "rng"))
+        dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"))
+        save_rng_state(_rank_file(tmp, "rng"))
 
     _collectively(prepare, final, tmp, needed)  # its all-reduce is also the barrier before the writes
+    # Gathered outside the failure protocol: its all-reduces must not meet a rank that left for that one's.
+    optimizer_state = sharded_optimizer_state(model, engine)
     _collectively(write_rank_files, final, tmp, needed)
     share = _collectively(lambda: _hash_my_share(tmp), final, tmp, needed)
     files = {name: entry for each in _gathered(share) for name, entry in each.items()}
@@ -318,11 +320,8 @@ def _verifies(directory: Path) -> bool:
     return True
 
 
-def save_optimizer_state(model, engine, directory: Path) -> None:
-    """Collective: the layout-independent optimizer state (``optimizer_state.py``) as a distributed checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    dist_checkpointing.save(sharded_optimizer_state(model, engine), str(directory))
+def save_rng_state(path: Path) -> None:
+    torch.save(rng_state(), path)
 
 
 # ---- resuming -----------------------------------------------------------------------------------------------

@@ -81,3 +81,22 @@ def load_under(rank, world_size, layout: ParallelLayout, directory: str):
         return _full_logits(model, cfg)
     finally:
         destroy_model_parallel()
+
+
+def zero_partition_elements(rank, world_size, zero_stage: int) -> dict:
+    """A tiny model's DeepSpeed engine at DP=world_size: this rank's fp32 partition size and the model's size."""
+    from megatron_qsparse.training.optimizer import build_engine, init_deepspeed_comm
+
+    cfg = preset("tiny", MODEL)
+    initialize_model_parallel(ParallelLayout())
+    try:
+        init_deepspeed_comm()
+        model = build_gpt_model(cfg, cfg.to_transformer_config())
+        engine = build_engine(
+            model, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, clip_grad=1.0, zero_stage=zero_stage,
+            micro_batch_size=2, num_microbatches=1,
+        )  # fmt: skip
+        partition = sum(flat.numel() for flat in engine.optimizer.single_partition_of_fp32_groups)
+        return {"partition": partition, "parameters": sum(p.numel() for p in model.parameters())}
+    finally:
+        destroy_model_parallel()

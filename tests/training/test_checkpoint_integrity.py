@@ -98,7 +98,7 @@ def truncate(path: Path) -> None:
 
 DAMAGE = {  # how, the file, what the one line must say about it
     "flipped-distcp": (flip_4k, "model/__0_0.distcp", "sha256"),
-    "flipped-optimizer": (flip_4k, "optimizer/rank_00000.pt", "sha256"),
+    "flipped-optimizer": (flip_4k, "optimizer/__0_0.distcp", "sha256"),
     "truncated-distcp": (truncate, "model/__0_1.distcp", "bytes"),
     "missing-metadata": (Path.unlink, "model/.metadata", "missing"),
     "missing-rng": (Path.unlink, "rng/rank_00000.pt", "missing"),
@@ -122,9 +122,7 @@ def test_manifest_lists_every_file_with_its_size_and_sha256(root):
     manifest = json.loads((step / "manifest.json").read_text())
     on_disk = sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())
     assert sorted(manifest["files"]) == [n for n in on_disk if n not in ("manifest.json", "trainer_state.json")]
-    assert {"model/.metadata", "model/common.pt", "optimizer/rank_00000.pt", "rng/rank_00000.pt"} <= set(
-        manifest["files"]
-    )
+    assert {"model/.metadata", "model/common.pt", "optimizer/.metadata", "rng/rank_00000.pt"} <= set(manifest["files"])
     for name, entry in manifest["files"].items():
         data = (step / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
@@ -170,7 +168,8 @@ def test_the_fallback_loads_the_previous_checkpoints_weights(live, root, pristin
     found = ckpt.resolve_checkpoint(root)
     assert found == root / "step_0000002"
     ckpt.load_model(live.model, found)
-    ckpt.load_optimizer_and_rng(live.engine, found)
+    ckpt.load_optimizer(live.model, live.engine, found)
+    ckpt.load_rng(found)
     loaded = weights(live.model)
     for key, value in pristine[1].items():
         assert torch.equal(loaded[key], value), key
@@ -191,8 +190,8 @@ def test_checkpoints_without_a_manifest_get_structure_and_size_checks(root):
     truncate(root / "step_0000004" / "model" / "__0_0.distcp")
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: \d+ bytes, \.metadata needs \d+ \(truncated\)"):
         ckpt.verify_checkpoint(root / "step_0000004")
-    truncate(root / "step_0000002" / "optimizer" / "rank_00000.pt")
-    with pytest.raises(CheckpointError, match=r"step_0000002/optimizer/rank_00000\.pt: not a readable torch archive"):
+    truncate(root / "step_0000002" / "optimizer" / "common.pt")
+    with pytest.raises(CheckpointError, match=r"step_0000002/optimizer/common\.pt: not a readable torch archive"):
         ckpt.verify_checkpoint(root / "step_0000002")
 
 
@@ -271,7 +270,7 @@ FULL_DISKS = {
 @pytest.mark.parametrize("case", sorted(FULL_DISKS))
 def test_a_full_disk_fails_the_save_cleanly(case, live, root, monkeypatch):
     writer, report_no_space = FULL_DISKS[case]
-    monkeypatch.setattr(ckpt, "save_zero_partition", writer)
+    monkeypatch.setattr(ckpt, "save_rng_state", writer)
     if report_no_space:
         real = shutil.disk_usage
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
@@ -290,7 +289,7 @@ def test_another_save_failure_is_not_reported_as_a_full_disk(live, root, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("some other failure")
 
-    monkeypatch.setattr(ckpt, "save_zero_partition", broken)
+    monkeypatch.setattr(ckpt, "save_rng_state", broken)
     with pytest.raises(RuntimeError, match="some other failure"):
         save(live, root, 6)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000004"]
@@ -316,7 +315,7 @@ def save_on_two_ranks(rank, world_size, root: str, failing_rank: int) -> str:
         live = Live(model, engine, cfg)
         save(live, Path(root), 2)
         if rank == failing_rank:
-            ckpt.save_zero_partition = _torch_full_disk  # this process only
+            ckpt.save_rng_state = _torch_full_disk  # this process only
         try:
             save(live, Path(root), 4)
         except Exception as err:
@@ -335,7 +334,7 @@ def test_two_ranks_share_the_manifest_and_fail_a_save_together(tmp_path):
     assert raised[0].startswith("RuntimeError: saving") and "failed on another rank" in raised[0], raised
     assert raised[1].startswith("RuntimeError: [enforce fail"), raised
     manifest = json.loads((root / "step_0000002" / "manifest.json").read_text())
-    assert {"optimizer/rank_00000.pt", "optimizer/rank_00001.pt", "rng/rank_00001.pt"} <= set(manifest["files"])
+    assert {"optimizer/.metadata", "rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(manifest["files"])
     assert ckpt.verify_checkpoint(root / "step_0000002")["step"] == 2
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002"]
 

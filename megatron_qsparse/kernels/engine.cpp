@@ -414,7 +414,7 @@ class Engine : public torch::CustomClassHolder {
     float gamma = 0.f;
     for (int64_t i = 0; i < kept_; ++i) gamma = std::max(gamma, std::fabs(values_in_[i]));
     gamma = std::max(gamma, kQuantEps);
-    const float by = 127.f / gamma;
+    const float by = (1.f / gamma) * 127.f;  // as torch forms 127 / gamma
     levels_.resize(kept_);
     int64_t n = 0, level_sum = 0;
     for (int64_t i = 0; i < kept_; ++i) {  // drops the entries whose level is 0

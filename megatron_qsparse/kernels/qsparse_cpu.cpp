@@ -251,7 +251,7 @@ at::Tensor ternary(const at::Tensor& w, const at::Tensor& alpha) {
 }
 
 // Per row of x [rows, d]: RoundClip(x * (127 / gamma), -128, 127) * (gamma / 127), in x's dtype (gamma: fp32,
-// one per row).
+// one per row). 127 / gamma is formed as torch forms it, (1 / gamma) * 127: two roundings, not one.
 at::Tensor int8_levels(const at::Tensor& x, const at::Tensor& gamma) {
   check_float_input(x);
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
@@ -261,7 +261,7 @@ at::Tensor int8_levels(const at::Tensor& x, const at::Tensor& gamma) {
   return map_like(x, [&](auto* in, auto* out) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        round_clip_scale<false>(in + r * d, out + r * d, d, 127.f / g[r], -128.f, 127.f, g[r] / 127.f);
+        round_clip_scale<false>(in + r * d, out + r * d, d, (1.f / g[r]) * 127.f, -128.f, 127.f, g[r] / 127.f);
       }
     });
   });

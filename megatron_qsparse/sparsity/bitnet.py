@@ -70,7 +70,8 @@ def _ternary(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def _int8(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    per_row = gamma.numel() * x.shape[-1] == x.numel()  # one gamma per row, not broadcast
+    # The fused routes take one fp32 gamma per row; a broadcast or lower-precision gamma takes the definition.
+    per_row = gamma.numel() * x.shape[-1] == x.numel() and gamma.dtype == torch.float32
     kernel = triton_kernel("int8_levels", x)
     if kernel is not None and per_row:
         return kernel(x, gamma)

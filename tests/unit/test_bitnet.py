@@ -47,6 +47,21 @@ def test_quantizers_equal_the_torch_definition_bit_for_bit(dtype):
     assert bitnet.abs_sum(big).item() == pytest.approx(big.double().abs().sum().item(), rel=1e-14)
 
 
+def test_int8_levels_form_127_over_gamma_as_torch_does():
+    """torch forms 127 / gamma as gamma.reciprocal() * 127 (two roundings); for these gammas that differs from the
+    one-rounding division, and x sits at the level boundary 0.5 / (127 / gamma) and its neighbours, so a route
+    that divides puts some of them on the other level."""
+    g = torch.rand(4000, generator=torch.Generator().manual_seed(8)) * 10 + 0.1
+    gamma = g[127 / g != torch.full_like(g, 127.0) / g][:48, None]
+    mid = 0.5 / (127 / gamma)
+    x = torch.cat([torch.nextafter(mid, mid - 1), mid, torch.nextafter(mid, mid + 1)], 1)
+    x = torch.cat([x, gamma], 1)  # absmax = gamma exactly
+    got, expected = quantize_activation_int8(x), quantized_by_torch(quantize_activation_int8, x)
+    assert torch.equal(got, expected)
+    divided = (x * (torch.full_like(gamma, 127.0) / gamma)).round().clamp(-128, 127) * (gamma / 127)
+    assert not torch.equal(divided, expected)
+
+
 def test_ternary_weights_take_three_values_scaled_by_absmean():
     w = torch.randn(32, 48)
     alpha = w.abs().mean()

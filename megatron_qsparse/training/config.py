@@ -224,11 +224,6 @@ class TrainConfig:
             "optimizer.zero_stage",
             "2 is not supported with pipeline parallelism (DeepSpeed); use 1",
         )
-        need(
-            not (self.model.tie_embeddings and p.pp > 1),
-            "model.tie_embeddings",
-            "tied embeddings are not supported with pipeline parallelism here; set model.tie_embeddings=false",
-        )
         s = self.schedule
         need(
             s.kind in ("cosine", "polynomial", "two_stage"),

@@ -22,6 +22,7 @@ from megatron_qsparse.layers.site import record_sparsity, scale_sparsity
 from megatron_qsparse.model.gpt import build_gpt_model
 from megatron_qsparse.model.init import default_init, initialize_weights
 from megatron_qsparse.model.summary import activated_flops_per_token, model_flops_per_token, summarize
+from megatron_qsparse.parallel.embedding_grads import allreduce_tied_embedding_grads, tie_embedding_copies
 from megatron_qsparse.parallel.grads import install_sequence_parallel_grad_hooks
 from megatron_qsparse.parallel.rank0 import on_rank_0
 from megatron_qsparse.parallel.state import initialize_model_parallel
@@ -213,6 +214,7 @@ class Trainer:
         if p.sp:
             install_sequence_parallel_grad_hooks(model)
         initialize_weights(model, cfg.train.seed, default_init(cfg.train.init_std, cfg.model.num_layers))
+        tie_embedding_copies(model)  # PP with tied embeddings: the last stage's copy equals the first's
         return model
 
     def _build_engine(self):
@@ -369,6 +371,7 @@ class Trainer:
             self._skip_nonfinite(step + 1, loss)
             return None
         self.nonfinite = 0
+        allreduce_tied_embedding_grads(self.model)  # PP with tied embeddings: both copies get the summed gradient
         self.engine.step()
         elapsed = time.time() - t0
         return self._metrics(step + 1, loss, lr, elapsed, layer_grads)

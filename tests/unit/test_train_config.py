@@ -44,7 +44,6 @@ def config(tmp_path, **sections):
         ),
         (["batch.global_batch_size=10"], 4, "not a multiple of micro_batch_size × data-parallel size"),
         (["parallel.pp=2", "optimizer.zero_stage=2"], 2, "2 is not supported with pipeline parallelism"),
-        (["parallel.pp=2"], 2, "tied embeddings are not supported with pipeline parallelism"),
         (["train.mode=continue"], 1, "set train.init_from"),
         (["schedule.kind=linear"], 1, "is not one of cosine, polynomial, two_stage"),
         (["parallel.ep=2"], 2, "expert parallelism needs experts"),

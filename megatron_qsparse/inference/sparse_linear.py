@@ -7,7 +7,9 @@ construction). At batch 1 that is a fraction ``1 - s`` of the weight bytes: the 
 is ``1 / (1 - s)``. For finite inputs the result equals the masked dense product (a dropped NaN or inf would make
 ``x ⊙ mask`` NaN there, while its row is simply not read here).
 
-Two routes, the same selection and product: the compiled kernel (``gather_kernel``: selection, gather and
+Three routes, the same selection and product. On CUDA, the Triton GEMV (``kernels/triton_decode.py``, up to 16
+tokens, weight in x's dtype) after the Triton top-K mask: one pass over the weight with the dropped rows'
+loads predicated off, no gathered copy. On CPU, the compiled kernel (``gather_kernel``: selection, gather and
 product in one op, fp32/bf16, up to ``MAX_KERNEL_BATCH`` tokens; its C++ selection is tested equal to
 ``topk_mask`` / ``block_topk_mask``), else torch (``topk_mask`` + ``index_select`` + ``mm``).
 
@@ -24,7 +26,9 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_qsparse.inference.gather_kernel import compiled_topk_linear, kernel_applies
-from megatron_qsparse.sparsity.topk import block_topk_mask, check_sparsity, kept_count, topk_mask
+from megatron_qsparse.sparsity.topk import block_topk_mask, check_sparsity, kept_count, topk_mask, triton_kernel
+
+TRITON_MAX_BATCH = 16  # the Triton GEMV's tokens per call (its tensor-core tile's rows)
 
 
 def kept_channel_mask(x: torch.Tensor, sparsity: float, block_size: Optional[int] = None) -> torch.Tensor:
@@ -43,6 +47,15 @@ def gather_inputs(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, to
     return rows, x[:, rows].float() * mask[:, rows]
 
 
+def triton_topk_linear(x, weight_t, bias, sparsity, block_size=None) -> Optional[torch.Tensor]:
+    """The Triton route of ``topk_linear`` where it applies (CUDA, at most 16 tokens, weight in x's dtype), else
+    None."""
+    gemv = triton_kernel("sparse_gemv", x)
+    if gemv is None or x.shape[0] > TRITON_MAX_BATCH or weight_t.dtype != x.dtype:
+        return None
+    return gemv(x, kept_channel_mask(x, sparsity, block_size), weight_t, bias)
+
+
 def topk_linear(
     x: torch.Tensor,
     weight_t: torch.Tensor,
@@ -53,6 +66,9 @@ def topk_linear(
     """``topk_sparsify(x, sparsity, block_size) @ weight_t + bias`` in x's dtype (fp32 accumulation) for ``x``
     [tokens, in] and ``weight_t`` [in, out], reading only the rows of ``weight_t`` some token keeps."""
     check_sparsity(sparsity)
+    y = triton_topk_linear(x, weight_t, bias, sparsity, block_size)
+    if y is not None:
+        return y
     if kernel_applies(x, weight_t):
         segment = block_size or x.shape[-1]
         bias = None if bias is None else bias.float()
@@ -124,7 +140,7 @@ class SparseDecodeLinear(torch.nn.Module):
             tokens = tokens.detach()
         if kernel_applies(tokens, self.weight_t):
             y = compiled_topk_linear(tokens, self.weight_t, self.bias, *self._kernel_k_segment)
-        else:
+        else:  # CUDA (the Triton route) or the torch route
             y = topk_linear(tokens, self.weight_t, self.bias, self.sparsity, self.block_size)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 

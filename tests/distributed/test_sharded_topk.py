@@ -3,7 +3,7 @@
 import pytest
 
 from distributed.launch import run_workers
-from distributed.topk_cases import check_sharded_topk
+from distributed.topk_cases import check_sharded_topk, check_sharded_topk_triton
 
 pytestmark = pytest.mark.slow
 
@@ -17,3 +17,11 @@ def test_sharded_topk_equals_global_topk(world_size):
         assert rank["bf16_ok"]
         assert rank["absmax_ok"]
         assert rank["absmean_err"] < 1e-7
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_sharded_topk_triton_route_equals_global_topk(world_size):
+    pytest.importorskip("triton")
+    for rank in run_workers(world_size, check_sharded_topk_triton):
+        assert rank["mismatches"] == 0
+        assert rank["routes"] == ["kth_and_greater", "threshold_mask", "topk_values"]

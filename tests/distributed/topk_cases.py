@@ -51,3 +51,27 @@ def check_sharded_topk(rank, world_size) -> dict:
             (sharded_absmean(w[:, rank * width : (rank + 1) * width], group) - absmean_scale(w)).abs()
         ),
     }
+
+
+def check_sharded_topk_triton(rank, world_size) -> dict:
+    """``sharded_topk_mask`` through its Triton route (the kernels in Triton's interpreter, CPU tensors sent
+    there as CUDA tensors are on a GPU) against the single-process rule."""
+    from megatron_qsparse.kernels import triton_routes
+
+    calls = []
+    kernel = triton_routes.kernel
+    triton_routes.kernel = lambda name: calls.append(name) or kernel(name)
+    width = 16
+    mismatches = 0
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            full = adversarial_rows(world_size, width).to(dtype)
+            local = full[:, rank * width : (rank + 1) * width]
+            for k in (1, 7, width, width + 1, world_size * width - 1):
+                expected = topk_mask(full, k)[:, rank * width : (rank + 1) * width]
+                with triton_routes.on_cpu_for_tests():
+                    got = sharded_topk_mask(local, k, dist.group.WORLD)
+                mismatches += int((got != expected).any())
+    finally:
+        triton_routes.kernel = kernel
+    return {"mismatches": mismatches, "routes": sorted(set(calls))}

@@ -23,7 +23,7 @@ from megatron_qsparse import errors
 DEFAULT_CONFIG = "pretrain_scripts/configs/tiny-cpu.yaml"
 
 
-def _init_process_group() -> None:
+def init_process_group() -> None:
     import torch
     import torch.distributed as dist
 
@@ -130,7 +130,7 @@ def _train(cfg) -> int:
     from megatron_qsparse.training.trainer import Trainer, TrainingStopped
 
     cpu_compat.apply()
-    _init_process_group()
+    init_process_group()
     try:
         summary = Trainer(cfg).train()
     except TrainingStopped as stop:

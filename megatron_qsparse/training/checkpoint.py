@@ -49,6 +49,7 @@ from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side
 )
 from megatron_qsparse.model.manifest import hash_files, listed_files, read_manifest, write_manifest
 from megatron_qsparse.model.safe_load import load_weights_only
+from megatron_qsparse.parallel.host_collectives import all_reduce_host
 from megatron_qsparse.training.optimizer import load_zero_partition
 from megatron_qsparse.training.optimizer_state import load_optimizer_state, sharded_optimizer_state
 
@@ -228,10 +229,7 @@ def _collectively(action, final: Path, tmp: Path, needed: Optional[int]):
         result = action()
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         failure = err
-    # NCCL reduces only CUDA tensors, gloo CPU ones.
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([0 if failure is None else 1], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = all_reduce_host(torch.tensor([0 if failure is None else 1]), op=dist.ReduceOp.MAX)
     if not flag.item():
         return result
     disk_full = (failure is not None and _mentions_no_space(failure)) or _disk_nearly_full(final)

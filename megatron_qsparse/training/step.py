@@ -3,7 +3,8 @@
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
+
+from megatron_qsparse.parallel.host_collectives import all_reduce_host
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -30,10 +31,11 @@ def forward_backward(
 
     loss_fn = loss_fn or lm_loss
     micro = batches[0]["tokens"].shape[0]
-    positions = torch.arange(seq_length).expand(micro, -1)
+    device = next(module.parameters()).device  # the data loader's CPU tensors go where the model is
+    positions = torch.arange(seq_length, device=device).expand(micro, -1)
 
     def forward_step(data_iterator, _model):
-        batch = next(data_iterator)
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
         output = call(batch["tokens"], positions)
 
         def loss_func(logits):
@@ -63,5 +65,5 @@ def global_mean_loss(local_loss: Optional[torch.Tensor]) -> float:
 
     contributes = local_loss is not None and ps.get_tensor_model_parallel_rank() == 0
     total = torch.tensor([float(local_loss) if contributes else 0.0, 1.0 if contributes else 0.0], dtype=torch.float64)
-    dist.all_reduce(total)
+    total = all_reduce_host(total)
     return float(total[0] / total[1])

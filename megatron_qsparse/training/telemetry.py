@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_qsparse import atomic
 from megatron_qsparse.layers.site import SITES, site_transforms
+from megatron_qsparse.parallel.host_collectives import all_reduce_host
 
 
 def _layer_of(name: str, offset: int) -> Optional[int]:
@@ -39,7 +40,7 @@ def sparsity_by_layer(model, num_layers: int) -> torch.Tensor:
             column = SITES.index(transform.site.name)
             sums[0, layer, column] += float(transform.last_sparsity)
             sums[1, layer, column] += 1
-    dist.all_reduce(sums)
+    sums = all_reduce_host(sums)
     return sums[0] / sums[1].clamp(min=1)
 
 
@@ -89,8 +90,7 @@ class GradientCapture:
             if first_replica and tp_unique:
                 squares[layer] += float(grad.double().pow(2).sum())
         self.buffers.clear()
-        dist.all_reduce(squares)
-        return squares.sqrt()
+        return all_reduce_host(squares).sqrt()
 
 
 class MetricsWriter:

@@ -24,6 +24,7 @@ from megatron_qsparse.model.init import default_init, initialize_weights
 from megatron_qsparse.model.summary import activated_flops_per_token, model_flops_per_token, summarize
 from megatron_qsparse.parallel.embedding_grads import allreduce_tied_embedding_grads, tie_embedding_copies
 from megatron_qsparse.parallel.grads import install_sequence_parallel_grad_hooks
+from megatron_qsparse.parallel.host_collectives import all_reduce_host
 from megatron_qsparse.parallel.rank0 import on_rank_0
 from megatron_qsparse.parallel.state import initialize_model_parallel
 from megatron_qsparse.sparsity.stats import activated_parameters
@@ -67,7 +68,7 @@ class PreemptionFlag:
     def agreed(self) -> Optional[int]:
         """The exit code every rank stops with (130 if any rank saw SIGINT, else 75), or None to go on."""
         flag = torch.tensor([{None: 0, signal.SIGINT: 2}.get(self.signal, 1)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = all_reduce_host(flag, op=dist.ReduceOp.MAX)
         return {0: None, 1: EXIT_PREEMPTED, 2: EXIT_INTERRUPTED}[int(flag.item())]
 
 

@@ -106,39 +106,100 @@ def save_checkpoint(root: Path, step: int, model, engine, trainer_state: dict, k
     written) when ``step_*`` exists and belongs to another run; OSError ENOSPC when the disk fills up."""
     from megatron.core import dist_checkpointing
 
-    root = Path(root)
-    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
-    run_id = trainer_state.get("run_id")
-    conflict = _from_rank0(lambda: _ownership_conflict(final, run_id))
-    if conflict:
-        raise CheckpointError(conflict)
-    needed = _from_rank0(lambda: _size_of_newest(root))
-
-    def prepare():
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a torn save of the same step
-            for sub in ("model", "optimizer", "rng"):
-                (tmp / sub).mkdir(parents=True)
+    save = _Save(Path(root), step, trainer_state, keep)
+    optimizer_state = save.begin(model, engine)
 
     def write_rank_files():  # DCP's saves fail on every rank together; the RNG file is this rank's alone
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-        dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"))
-        save_rng_state(_rank_file(tmp, "rng"))
+        dist_checkpointing.save(model.sharded_state_dict(), str(save.tmp / "model"))
+        dist_checkpointing.save(optimizer_state, str(save.tmp / "optimizer"))
+        save_rng_state(_rank_file(save.tmp, "rng"))
 
-    _collectively(prepare, final, tmp, needed)  # its all-reduce is also the barrier before the writes
-    # Gathered outside the failure protocol: its all-reduces must not meet a rank that left for that one's.
-    optimizer_state = sharded_optimizer_state(model, engine)
-    _collectively(write_rank_files, final, tmp, needed)
-    share = _collectively(lambda: _hash_my_share(tmp), final, tmp, needed)
-    files = {name: entry for each in _gathered(share) for name, entry in each.items()}
+    save.collectively(write_rank_files)
+    save.conclude()
+    return save.final
+
+
+def start_background_save(root: Path, step: int, model, engine, trainer_state: dict, keep: int, queue) -> Path:
+    """``save_checkpoint`` with the files written by a forked writer process per rank (megatron-core's async
+    save), so training goes on meanwhile. The state is taken now: GPU tensors are staged to host memory here,
+    and the fork gives the writer a copy-on-write snapshot of host memory. ``queue`` (megatron-core's
+    ``AsyncCallsQueue``) runs the rest later, on every rank together, when its ``maybe_finalize_async_calls``
+    finds all writers done: DCP's metadata, then the same hashing, manifest, rename, ``latest`` and pruning as a
+    blocking save, under the same failure rule (the temporary directory goes, ``latest`` stays). Returns the
+    final directory it will have."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    save = _Save(Path(root), step, trainer_state, keep)
+    optimizer_state = save.begin(model, engine)
+
+    def plan():
+        states = (("model", model.sharded_state_dict()), ("optimizer", optimizer_state))
+        requests = [dist_checkpointing.save(sd, str(save.tmp / sub), async_sharded_save=True) for sub, sd in states]
+        save_rng_state(_rank_file(save.tmp, "rng"))
+        return requests
+
+    requests = save.collectively(plan)
+    writes = []
+    for request in requests:
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:
+            args[1] = request.preload_fn()  # megatron-core's convention: the write buckets, staged to host
+        writes.append((request.async_fn, args, request.async_fn_kwargs))
+    metadata = [fn for request in requests for fn in request.finalize_fns]
+
+    def write():  # in the writer process: local files only, no collectives
+        for fn, args, kwargs in writes:
+            if fn is not None:
+                fn(*args, **kwargs)
 
     def finish():
-        if dist.get_rank() == 0:
-            _finish(root, final, tmp, files, trainer_state, step, keep)
+        save.collectively(lambda: [fn() for fn in metadata])  # raises on every rank if a writer failed
+        save.conclude()
 
-    _collectively(finish, final, tmp, needed)
-    dist.barrier()
-    return final
+    queue.schedule_async_request(AsyncRequest(write, (), [finish]))
+    return save.final
+
+
+class _Save:
+    """One checkpoint on its way: its directories, the decisions every rank shares, and the protocol's steps."""
+
+    def __init__(self, root: Path, step: int, trainer_state: dict, keep: int):
+        self.root, self.step, self.trainer_state, self.keep = root, step, trainer_state, keep
+        self.final, self.tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
+
+    def begin(self, model, engine):
+        """Refuse another run's step, make the temporary directory, gather the optimizer state (returned)."""
+        run_id = self.trainer_state.get("run_id")
+        conflict = _from_rank0(lambda: _ownership_conflict(self.final, run_id))
+        if conflict:
+            raise CheckpointError(conflict)
+        self.needed = _from_rank0(lambda: _size_of_newest(self.root))
+
+        def prepare():
+            if dist.get_rank() == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)  # a torn save of the same step
+                for sub in ("model", "optimizer", "rng"):
+                    (self.tmp / sub).mkdir(parents=True)
+
+        self.collectively(prepare)  # its all-reduce is also the barrier before the writes
+        # Gathered outside the failure protocol: its all-reduces must not meet a rank that left for that one's.
+        return sharded_optimizer_state(model, engine)
+
+    def collectively(self, action):
+        return _collectively(action, self.final, self.tmp, self.needed)
+
+    def conclude(self) -> None:
+        """All files on disk: every rank hashes a share, rank 0 writes the manifest and moves it into place."""
+        share = self.collectively(lambda: _hash_my_share(self.tmp))
+        files = {name: entry for each in _gathered(share) for name, entry in each.items()}
+
+        def finish():
+            if dist.get_rank() == 0:
+                _finish(self.root, self.final, self.tmp, files, self.trainer_state, self.step, self.keep)
+
+        self.collectively(finish)
+        dist.barrier()
 
 
 def _finish(root: Path, final: Path, tmp: Path, files: dict, trainer_state: dict, step: int, keep: int) -> None:

@@ -94,6 +94,9 @@ class CheckpointConfig:
     keep: int = 2  # complete checkpoints kept (older ones removed); 0: keep every one
     resume: bool = True  # continue from <dir>/latest when present
     verify: bool = True  # verify the checksums of the checkpoint resumed from; false checks sizes only
+    # Interval checkpoints written in the background while training goes on (megatron-core's async save); the
+    # final checkpoint and the one on a stop signal are written before the run exits.
+    async_save: bool = False
 
 
 @dataclass

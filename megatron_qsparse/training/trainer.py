@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_qsparse import errors
 from megatron_qsparse.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 from megatron_qsparse.layers.site import record_sparsity, scale_sparsity
 from megatron_qsparse.model.gpt import build_gpt_model
@@ -290,13 +291,47 @@ class Trainer:
     def consumed_samples(self, step: int) -> int:
         return self.sample_offset + step * self.cfg.batch.global_batch_size
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, background: bool = False) -> Path:
+        """A checkpoint of ``step``; ``background`` (interval saves with ``checkpoint.async_save``): written by a
+        writer process while training goes on, at most one at a time."""
+        self.finish_background_save(blocking=True)
         t0 = time.time()
         state = dict(self._trainer_state(), consumed_samples=self.consumed_samples(step))
-        keep = self.cfg.checkpoint.keep
-        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, step, self.model, self.engine, state, keep)
+        keep, root = self.cfg.checkpoint.keep, self.cfg.checkpoint_dir
+        if background:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.saves = getattr(self, "saves", None) or AsyncCallsQueue()
+            path = ckpt.start_background_save(root, step, self.model, self.engine, state, keep, self.saves)
+            self.pending_save = (path, t0)
+            console(f"checkpoint {path.name}: writing in the background ({time.time() - t0:.1f}s to start)")
+            return path
+        path = ckpt.save_checkpoint(root, step, self.model, self.engine, state, keep)
         console(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
         return path
+
+    def finish_background_save(self, blocking: bool) -> None:
+        """Collective: conclude the background save once every rank's writer is done (or wait for it). A failed
+        one is said in one line; ``latest`` and the older checkpoints are untouched and training goes on."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        pending = getattr(self, "pending_save", None)
+        if pending is None:
+            return
+        path, t0 = pending
+        try:
+            if not self.saves.maybe_finalize_async_calls(blocking=blocking):
+                return
+            console(f"saved checkpoint {path} (in the background, {time.time() - t0:.1f}s)")
+        except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+            known = errors.exit_code_and_message(err)
+            reason = known[1] if known else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            latest = ckpt.find_latest(self.cfg.checkpoint_dir, verify=False)
+            console(
+                f"checkpoint {path.name} failed in the background ({reason}); latest is still "
+                f"{latest.name if latest else 'none'}; training goes on"
+            )
+        self.pending_save = None
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _batches(self, dataset, step: int, global_batch: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
@@ -421,8 +456,9 @@ class Trainer:
     def _save_or_stop(self, done: int) -> None:
         """The interval checkpoint, and on an agreed preemption signal a checkpoint and the exit."""
         steps = self.cfg.train.steps
+        self.finish_background_save(blocking=False)
         if self.cfg.checkpoint.interval and done % self.cfg.checkpoint.interval == 0 and done < steps:
-            self.save(done)
+            self.save(done, background=self.cfg.checkpoint.async_save)
         code = self.preemption.agreed() if done < steps else None
         if code is not None:
             self.save(done)

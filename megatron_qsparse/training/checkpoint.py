@@ -50,6 +50,7 @@ from megatron_qsparse.model.checkpoint import (  # noqa: F401  (the reading side
 from megatron_qsparse.model.manifest import hash_files, listed_files, read_manifest, write_manifest
 from megatron_qsparse.model.safe_load import load_weights_only
 from megatron_qsparse.parallel.host_collectives import all_reduce_host
+from megatron_qsparse.training import rank0_writes
 from megatron_qsparse.training.optimizer import load_zero_partition
 from megatron_qsparse.training.optimizer_state import load_optimizer_state, sharded_optimizer_state
 
@@ -287,7 +288,10 @@ def _collectively(action, final: Path, tmp: Path, needed: Optional[int]):
 
     failure, result = None, None
     try:
-        result = action()
+        with rank0_writes.deferring() as deferred:  # rank 0's own writes fail here, not in a collective
+            result = action()
+        if deferred:
+            failure = deferred[0]
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         failure = err
     flag = all_reduce_host(torch.tensor([0 if failure is None else 1]), op=dist.ReduceOp.MAX)

@@ -296,12 +296,40 @@ def test_another_save_failure_is_not_reported_as_a_full_disk(live, root, monkeyp
 
 
 # ---- two ranks ------------------------------------------------------------------------------------------------
-def save_on_two_ranks(rank, world_size, root: str, failing_rank: int) -> str:
-    """Step 2 saved normally; step 4 with this rank's optimizer write failing on ``failing_rank``: what each
-    rank raised."""
+# The writes a save can lose, and the rank that loses it: this rank's RNG file, and the three files only rank 0
+# writes between megatron-core's collectives (common.pt, DCP's .metadata, metadata.json).
+RANK_WRITES = ("rng", "common", "dcp-metadata", "metadata-json")
+
+
+def _failing_rank0_writes(failing: set):
+    """Make each of megatron-core's rank-0 writes raise ENOSPC while its name is in ``failing``."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    def failing_when(name, write):
+        def maybe_failing(*args, **kwargs):
+            if name in failing:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args, **kwargs)
+
+        return maybe_failing
+
+    for owner, attr, name in ((TorchCommonSaveStrategy, "save_common", "common"),
+                              (FileSystemWriterAsync, "finish", "dcp-metadata"),
+                              (serialization, "save_config", "metadata-json")):  # fmt: skip
+        setattr(owner, attr, failing_when(name, getattr(owner, attr)))
+
+
+def save_on_two_ranks(rank, world_size, root: str) -> dict:
+    """Step 2 saved normally; then step 4 once per entry of RANK_WRITES, with that write failing (the RNG file on
+    rank 1, the others on rank 0, where alone they are written): what each rank raised, and the directory after."""
     from megatron_qsparse.parallel.layout import ParallelLayout
     from megatron_qsparse.parallel.state import destroy_model_parallel, initialize_model_parallel
 
+    failing = set()
+    if rank == 0:
+        _failing_rank0_writes(failing)  # before the first save, as a real disk would be
     initialize_model_parallel(ParallelLayout())
     try:
         init_deepspeed_comm()
@@ -314,29 +342,45 @@ def save_on_two_ranks(rank, world_size, root: str, failing_rank: int) -> str:
         )  # fmt: skip
         live = Live(model, engine, cfg)
         save(live, Path(root), 2)
-        if rank == failing_rank:
-            ckpt.save_rng_state = _torch_full_disk  # this process only
-        try:
-            save(live, Path(root), 4)
-        except Exception as err:
-            return f"{type(err).__name__}: {err}"
-        return "saved"
+        real_rng_writer, outcomes = ckpt.save_rng_state, {}
+        for write in RANK_WRITES:
+            if write == "rng" and rank == 1:
+                ckpt.save_rng_state = _torch_full_disk  # this process only
+            elif write != "rng" and rank == 0:
+                failing.add(write)
+            try:
+                save(live, Path(root), 4)
+                outcomes[write] = "saved"
+            except Exception as err:
+                outcomes[write] = f"{type(err).__name__}: {err}"
+            failing.clear()
+            ckpt.save_rng_state = real_rng_writer
+            outcomes[write + " left"] = sorted(p.name for p in Path(root).iterdir())
+        return outcomes
     finally:
         destroy_model_parallel()
 
 
 @pytest.mark.slow
 def test_two_ranks_share_the_manifest_and_fail_a_save_together(tmp_path):
+    """Whichever rank loses whichever write, both ranks fail the save (no rank left waiting in a collective),
+    the temporary directory goes and ``latest`` stays."""
     from distributed.launch import run_workers
 
     root = tmp_path / "checkpoints"
-    raised = run_workers(2, save_on_two_ranks, str(root), 1, timeout=300)
-    assert raised[0].startswith("RuntimeError: saving") and "failed on another rank" in raised[0], raised
-    assert raised[1].startswith("RuntimeError: [enforce fail"), raised
+    raised = run_workers(2, save_on_two_ranks, str(root), timeout=300)
+    assert raised[0]["rng"].startswith("RuntimeError: saving") and "failed on another rank" in raised[0]["rng"]
+    assert raised[1]["rng"].startswith("RuntimeError: [enforce fail"), raised
+    for write in RANK_WRITES[1:]:  # rank 0 lost it: a full disk there, "another rank" on rank 1
+        assert raised[0][write].startswith(f"OSError: [Errno {errno.ENOSPC}]"), (write, raised)
+        assert "failed on another rank" in raised[1][write], (write, raised)
+    for outcome in raised:
+        for write in RANK_WRITES:
+            assert outcome[write + " left"] == ["latest", "step_0000002"], (write, outcome)
     manifest = json.loads((root / "step_0000002" / "manifest.json").read_text())
     assert {"optimizer/.metadata", "rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(manifest["files"])
     assert ckpt.verify_checkpoint(root / "step_0000002")["step"] == 2
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002"]
+    assert (root / "latest").read_text().strip() == "step_0000002"
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------

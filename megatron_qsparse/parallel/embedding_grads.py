@@ -37,12 +37,21 @@ def _embedding_group():
     return group if dist.get_world_size(group) > 1 else None
 
 
-def tied_embedding_copy(model) -> Optional[torch.nn.Parameter]:
-    """This stage's copy of a word-embedding matrix tied across pipeline stages, or None (untied, PP = 1, or a
-    middle stage)."""
-    if not getattr(model, "share_embeddings_and_output_weights", False) or _embedding_group() is None:
+def _tied_chunk(model):
+    """The model chunk that holds this stage's copy of a word-embedding matrix tied across pipeline stages (the
+    first chunk of the first stage, the last chunk of the last), or None (untied, PP = 1, or a middle stage)."""
+    if _embedding_group() is None:
         return None
-    return model.shared_embedding_or_output_weight()
+    for chunk in model if isinstance(model, torch.nn.ModuleList) else [model]:  # ModelChunks under interleaving
+        if getattr(chunk, "share_embeddings_and_output_weights", False) and (chunk.pre_process or chunk.post_process):
+            return chunk
+    return None
+
+
+def tied_embedding_copy(model) -> Optional[torch.nn.Parameter]:
+    """This stage's copy of a word-embedding matrix tied across pipeline stages, or None."""
+    chunk = _tied_chunk(model)
+    return None if chunk is None else chunk.shared_embedding_or_output_weight()
 
 
 @torch.no_grad()
@@ -50,13 +59,14 @@ def tie_embedding_copies(model) -> None:
     """Collective over the embedding group: make the last stage's copy equal the first stage's (after the
     weights are initialized or loaded, before the optimizer copies them) and count it once in the gradient
     norm. A no-op where nothing is tied across stages."""
-    weight = tied_embedding_copy(model)
-    if weight is None:
+    chunk = _tied_chunk(model)
+    if chunk is None:
         return
     from megatron.core import parallel_state as ps
 
+    weight = chunk.shared_embedding_or_output_weight()
     dist.broadcast(weight.data, src=ps.get_pipeline_model_parallel_first_rank(), group=_embedding_group())
-    if not model.pre_process:
+    if not chunk.pre_process:
         weight.ds_pipe_replicated = True  # DeepSpeed's norm skips it: the first stage's copy counts
 
 

@@ -21,6 +21,7 @@ def initialize_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_size,
     )
     model_parallel_cuda_manual_seed(seed)
 

@@ -212,7 +212,7 @@ class TrainConfig:
         p, b = self.parallel, self.batch
         try:  # the layout's own checks, then what the model's shapes admit under it
             dp = p.data_parallel_size(world_size)
-            self.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp)
+            self.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp, virtual_pipeline_model_parallel_size=p.vpp)
         except ValueError as err:
             raise ConfigError(f"{self.source}: {err}") from None
         need(
@@ -220,6 +220,13 @@ class TrainConfig:
             "batch.global_batch_size",
             f"{b.global_batch_size} is not a multiple of micro_batch_size × data-parallel size = "
             f"{b.micro_batch_size} × {dp}",
+        )
+        micro = b.global_batch_size // (b.micro_batch_size * dp)
+        need(
+            p.vpp == 1 or micro % p.pp == 0,
+            "batch.global_batch_size",
+            f"interleaved 1F1B (parallel.vpp={p.vpp}) runs the microbatches in groups of pp = {p.pp}: "
+            f"{micro} microbatches per step is not a multiple of {p.pp}",
         )
         need(self.zero_stage in (1, 2), "optimizer.zero_stage", "must be 1 or 2")
         need(

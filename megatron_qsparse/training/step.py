@@ -1,9 +1,11 @@
-"""One global batch through megatron-core's schedule (any PP layout, with microbatches), and its loss."""
+"""One global batch through megatron-core's schedule (any PP layout, interleaved or not, with microbatches), and
+its loss."""
 
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_qsparse.model.gpt import model_chunks
 from megatron_qsparse.parallel.host_collectives import all_reduce_host
 
 
@@ -24,8 +26,9 @@ def forward_backward(
     loss_fn: Callable = None,
 ) -> Optional[torch.Tensor]:
     """Run ``batches`` (this rank's microbatches) through the schedule; ``call(tokens, position_ids)`` is the
-    forward (the DeepSpeed engine in training, so that its backward hooks see the outputs). Gradients
-    accumulate, already averaged over microbatches. Returns the mean loss on the last stage, else None."""
+    forward (the DeepSpeed engine in training, so that its backward hooks see the outputs), with ``chunk=c``
+    for a model of several chunks (``ModelChunks``: interleaved 1F1B). Gradients accumulate, already averaged
+    over microbatches. Returns the mean loss on the last stage, else None."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -33,10 +36,13 @@ def forward_backward(
     micro = batches[0]["tokens"].shape[0]
     device = next(module.parameters()).device  # the data loader's CPU tensors go where the model is
     positions = torch.arange(seq_length, device=device).expand(micro, -1)
+    chunks = model_chunks(module)
+    interleaved = len(chunks) > 1
 
-    def forward_step(data_iterator, _model):
+    def forward_step(data_iterator, chunk):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = call(batch["tokens"], positions)
+        which = {"chunk": next(i for i, c in enumerate(chunks) if c is chunk)} if interleaved else {}
+        output = call(batch["tokens"], positions, **which)
 
         def loss_func(logits):
             loss = loss_fn(logits, batch["labels"], batch["loss_mask"])
@@ -46,8 +52,8 @@ def forward_backward(
 
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[module],
+        data_iterator=[iter(batches) for _ in chunks] if interleaved else iter(batches),  # one pass per chunk
+        model=chunks,
         num_microbatches=len(batches),
         seq_length=seq_length,
         micro_batch_size=micro,

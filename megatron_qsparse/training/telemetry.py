@@ -15,27 +15,30 @@ from megatron_qsparse.layers.site import SITES, site_transforms
 from megatron_qsparse.parallel.host_collectives import all_reduce_host
 
 
-def _layer_of(name: str, offset: int) -> Optional[int]:
-    """Global 0-based layer index of a module/parameter name under ``decoder.layers.<i>``."""
-    parts = name.split(".")
-    if "layers" in parts:
-        return offset + int(parts[parts.index("layers") + 1])
-    return None
+class _Layers:
+    """Global 0-based layer index of a module or parameter name: megatron-core numbers its transformer layers
+    globally (``layer_number``, 1-based, counting the pipeline stage's and the model chunk's offset)."""
 
+    def __init__(self, model):
+        from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
-def layer_offset(model) -> int:
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+        self.prefixes = [
+            (name + ".", module.layer_number - 1)
+            for name, module in model.named_modules()
+            if isinstance(module, BaseTransformerLayer)
+        ]
 
-    return get_transformer_layer_offset(model.config)
+    def of(self, name: str) -> Optional[int]:
+        return next((layer for prefix, layer in self.prefixes if name.startswith(prefix)), None)
 
 
 def sparsity_by_layer(model, num_layers: int) -> torch.Tensor:
     """[num_layers, 4 sites] realized input sparsity of the last forward, averaged over all ranks holding it
     (TP shards of row-parallel inputs average to the whole row; data-parallel replicas average their data)."""
     sums = torch.zeros(2, num_layers, len(SITES), dtype=torch.float64)
-    offset = layer_offset(model)
+    layers = _Layers(model)
     for name, transform in site_transforms(model):
-        layer = _layer_of(name, offset)
+        layer = layers.of(name)
         if layer is not None and transform.last_sparsity is not None:
             column = SITES.index(transform.site.name)
             sums[0, layer, column] += float(transform.last_sparsity)
@@ -74,10 +77,10 @@ class GradientCapture:
 
         self.close()
         squares = torch.zeros(num_layers, dtype=torch.float64)
-        offset = layer_offset(self.model)
+        layers = _Layers(self.model)
         dp_size = ps.get_data_parallel_world_size()
         for name, p in self.model.named_parameters():
-            layer = _layer_of(name, offset)
+            layer = layers.of(name)
             grad = self.buffers.get(name)
             if layer is None or grad is None:
                 continue

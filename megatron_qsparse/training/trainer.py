@@ -26,6 +26,7 @@ from megatron_qsparse.model.summary import activated_flops_per_token, model_flop
 from megatron_qsparse.parallel.embedding_grads import allreduce_tied_embedding_grads, tie_embedding_copies
 from megatron_qsparse.parallel.grads import install_sequence_parallel_grad_hooks
 from megatron_qsparse.parallel.host_collectives import all_reduce_host
+from megatron_qsparse.parallel.layout import ParallelLayout
 from megatron_qsparse.parallel.rank0 import on_rank_0
 from megatron_qsparse.parallel.state import initialize_model_parallel
 from megatron_qsparse.sparsity.stats import activated_parameters
@@ -209,7 +210,9 @@ class Trainer:
     def _build_model(self):
         """This rank's model stage under the layout, initialized the same whatever the layout."""
         cfg, p = self.cfg, self.layout
-        tc = cfg.model.to_transformer_config(p.tp, p.pp, p.ep, p.sp, params_dtype=self.dtype)
+        tc = cfg.model.to_transformer_config(
+            p.tp, p.pp, p.ep, p.sp, params_dtype=self.dtype, virtual_pipeline_model_parallel_size=p.vpp
+        )
         model = build_gpt_model(cfg.model, tc)
         if torch.cuda.is_available():
             model.cuda()
@@ -260,7 +263,8 @@ class Trainer:
         rank where the layout is the same (exact resume), else re-derived from the seed and the step."""
         state = ckpt.read_trainer_state(path)
         saved = f"layout {state['layout']} on {state['world_size']} processes"
-        same_layout = state["layout"] == vars(self.layout) and state["world_size"] == self.world_size
+        saved_layout = {**vars(ParallelLayout()), **state["layout"]}  # written before a field existed: its default
+        same_layout = saved_layout == vars(self.layout) and state["world_size"] == self.world_size
         if not same_layout and not ckpt.has_reshardable_optimizer(path):
             raise UserError(
                 f"{path} was written with {saved} in the older per-rank optimizer format, which resumes under "
@@ -348,8 +352,8 @@ class Trainer:
             offset=self.sample_offset if dataset is self.data.train else 0,
         )
 
-    def _forward(self, tokens, positions):
-        return self.engine(tokens, positions, None)
+    def _forward(self, tokens, positions, **chunk):
+        return self.engine(tokens, positions, None, **chunk)
 
     def _set_hyperparameters(self, step: int) -> float:
         lr, wd = lr_and_weight_decay(step, self.cfg.train.steps, self.cfg.optimizer, self.cfg.schedule)
@@ -379,7 +383,7 @@ class Trainer:
         with torch.no_grad():
             for i in range(self.cfg.log.eval_iters):
                 local = forward_backward(
-                    lambda t, p: self.model(t, p, None),
+                    lambda t, p, **chunk: self.model(t, p, None, **chunk),
                     self.model,
                     self._batches(self.data.valid, i),
                     self.cfg.model.seq_length,

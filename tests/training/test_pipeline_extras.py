@@ -1,11 +1,14 @@
-"""Pipeline parallelism with tied embeddings, and with expert parallelism, equal the one-process run.
+"""Pipeline parallelism with tied embeddings, with expert parallelism, and interleaved (virtual pipeline stages),
+equal the one-process run.
 
 Tied embeddings (``model.tie_embeddings=true``): PP=2 with ZeRO-1 (2 processes) and TP=2 × PP=2 with ZeRO-1 (4
 processes) follow the one-process trajectory, and the last stage's copy of the word-embedding matrix equals the
 first stage's before training and after the last update. Those two runs are the trainer itself (``Trainer(cfg)
 .train()``, as the CLI runs it) in worker processes, so that the copies can be compared at the end. MoE (4
 experts, top-2) at EP=2 × PP=2 with ZeRO-1 (4 processes) follows the one-process trajectory. A tied PP=2 checkpoint
-resumes on one process (PP=1) and continues the PP=2 run's losses.
+resumes on one process (PP=1) and continues the PP=2 run's losses. Interleaved 1F1B (``parallel.vpp=2``) at PP=2 on
+2 processes (4 layers: chunk 0 of rank 0 holds layer 0 and the embedding, rank 1's chunk 1 layer 3 and the tied
+output layer) follows the one-process trajectory, and its checkpoint resumes on one process.
 
 Tolerances. Trajectories as in test_layouts.py: step 1 within 2e-6 relative on the loss and the gradient norm, later
 steps 2e-4 on the loss and 2e-3 on the gradient norm (measured ≤ 1e-7 on both, for all three layouts). What they
@@ -32,6 +35,8 @@ TIED_LAYOUTS = {  # name: (processes, overrides)
 }
 MOE = dict(model={"num_experts": 4, "moe_router_topk": 2}, train={"steps": 8})
 EP_PP = (4, ["parallel.ep=2", "parallel.pp=2", "optimizer.zero_stage=1"])
+VPP = dict(model={"num_layers": 4, "tie_embeddings": True}, train={"steps": 8}, checkpoint={"interval": 4, "keep": 3})
+PP_VPP = (2, ["parallel.pp=2", "parallel.vpp=2", "optimizer.zero_stage=1"])
 COPY_TOLERANCE = 1e-6  # relative to the largest magnitude of the matrix
 RESUME_TOLERANCE = 3e-3
 
@@ -117,3 +122,26 @@ def test_expert_parallel_with_pipeline_parallel_equals_single_process(corpus, tm
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert_same_trajectory(tmp_path / "single", tmp_path / "ep2-pp2", MOE["train"]["steps"])
     assert max(r["grad_norm"] for r in metrics(tmp_path / "single")) > 1.0  # clipping took part
+
+
+def test_interleaved_pipeline_equals_single_process_and_resumes_on_one(corpus, tmp_path):
+    for name, (nproc, overrides) in {"single": (1, []), "pp2-vpp2": PP_VPP}.items():
+        proc = run_training(write_config(tmp_path / f"{name}.yaml", corpus, tmp_path / name, **VPP), nproc, overrides)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "layout tp1pp2vpp2 on 2 processes" in proc.stdout
+    steps = VPP["train"]["steps"]
+    assert_same_trajectory(tmp_path / "single", tmp_path / "pp2-vpp2", steps)
+    # Its step-4 checkpoint (keys of the whole model: nothing says it was chunked) continues on one process.
+    saved = tmp_path / "pp2-vpp2" / "checkpoints" / "step_0000004"
+    target = tmp_path / "resumed" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(saved, target / saved.name)
+    (target / "latest").write_text(saved.name + "\n")
+    proc = run_training(write_config(tmp_path / "resumed.yaml", corpus, tmp_path / "resumed", **VPP))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "resharded" in proc.stdout
+    reference = {m["step"]: m["loss"] for m in metrics(tmp_path / "pp2-vpp2")}
+    resumed = metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == list(range(5, steps + 1))
+    gaps = [abs(m["loss"] - reference[m["step"]]) / abs(reference[m["step"]]) for m in resumed]
+    assert max(gaps) <= RESUME_TOLERANCE, gaps

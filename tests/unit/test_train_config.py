@@ -48,6 +48,13 @@ def config(tmp_path, **sections):
         (["schedule.kind=linear"], 1, "is not one of cosine, polynomial, two_stage"),
         (["parallel.ep=2"], 2, "expert parallelism needs experts"),
         (["model.num_experts=3", "parallel.ep=2"], 2, r"must divide model.num_experts \(3\)"),
+        (["parallel.vpp=2"], 1, "parallel.vpp: virtual pipeline stages need pipeline parallelism"),
+        (["parallel.pp=2", "parallel.vpp=4", "optimizer.zero_stage=1"], 2, "VPP=4 .*not divisible by pp × vpp = 8"),
+        (
+            ["parallel.pp=2", "parallel.vpp=2", "optimizer.zero_stage=1", "batch.global_batch_size=12"],
+            2,
+            "batch.global_batch_size: interleaved 1F1B .* 3 microbatches per step is not a multiple of 2",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, overrides, world, message):

@@ -7,6 +7,9 @@
 #      allocation, node rank = SLURM_NODEID) starting NPROC trainer processes,
 #   2. on SIGUSR1 (preemption, or 300 s before the time limit) asks the trainer to checkpoint and stop, then
 #      requeues the job (`scontrol requeue`); the requeued job resumes from <checkpoint dir>/latest by itself.
+#   3. when the training step fails (a node lost, a process killed: srun --kill-on-bad-exit ends the other
+#      nodes' processes at once) after a newer checkpoint than the one this run started from, requeues it too;
+#      a failure with no new checkpoint (a bug or bad input that would only repeat) ends the job with its code.
 #
 # Environment (all optional; the submitting shell's environment reaches the job: sbatch exports it):
 #   QSPARSE_REPO              repository root (default: SLURM_SUBMIT_DIR, so submit from the repository root)
@@ -22,6 +25,7 @@
 #   QSPARSE_SHUTDOWN_TIMEOUT  seconds torchrun lets the workers checkpoint after a signal before SIGKILL (default
 #                             240: keep it below the --signal lead time, 300 s in the batch scripts)
 #   QSPARSE_MAX_RESTARTS      stop requeueing after this many restarts (default 50)
+#   QSPARSE_REQUEUE_ON_FAILURE  1 (default): requeue a failed run that checkpointed progress (3. above); 0: never
 # Overrides apply in this order (the last wins): the config file, QSPARSE_RUN_DIR, QSPARSE_CHECKPOINT_DIR,
 # QSPARSE_SET, then the TRAINER ARGS given to the batch script.
 #
@@ -150,6 +154,8 @@ if ! WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" "$TRAIN_SCRIPT" --check "${ARGS[@]
     exit 2
 fi
 
+read -r START_STEP _ < <(progress || echo "-1 unknown")  # what a failed run must have gone past to be requeued
+
 # ---- 1. one torchrun per node ----------------------------------------------------------------------------------
 # torchrun handles SIGUSR1 only when told (--signals-to-handle); it then sends it on to every worker and waits
 # --shutdown-timeout for them (the trainer checkpoints and exits 75). Unhandled, SIGUSR1 kills torchrun at once.
@@ -189,5 +195,12 @@ if ((PREEMPTED)); then
     say "stopped; newest checkpoint: step $step of $steps (training step exit $rc)"
     requeue
 fi
-say "training step failed (exit $rc)"
+read -r step steps < <(progress || echo "-1 unknown")
+if [[ "$step" =~ ^[0-9]+$ ]] && ((step > START_STEP)) && ((${QSPARSE_REQUEUE_ON_FAILURE:-1})); then
+    say "training step failed (exit $rc) after checkpointing step $step of $steps (this run started from" \
+        "step $START_STEP)"
+    requeue
+fi
+say "training step failed (exit $rc); not requeueing: no checkpoint newer than step $START_STEP was written" \
+    "by this run, so the failure would repeat"
 exit "$rc"

@@ -4,6 +4,7 @@ shared ``corpus`` fixture (tests/conftest.py), and read what it wrote."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,22 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0) -> None:
         time.sleep(0.05)
     kill_tree(proc)
     raise AssertionError("timed out waiting for the run")
+
+
+def seed_with_checkpoint(saved: Path, run_dir: Path) -> None:
+    """A new run directory whose newest checkpoint is a copy of ``saved``: a run there resumes from it."""
+    target = run_dir / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(saved, target / saved.name)
+    (target / "latest").write_text(saved.name + "\n")
+
+
+def resumed_loss_gaps(reference_dir: Path, run_dir: Path, first_step: int, last_step: int) -> list:
+    """Relative loss gaps of a resumed run (steps ``first_step``..``last_step``, each once) to the reference run."""
+    reference = {m["step"]: m["loss"] for m in metrics(reference_dir)}
+    resumed = metrics(run_dir)
+    assert [m["step"] for m in resumed] == list(range(first_step, last_step + 1))
+    return [abs(m["loss"] - reference[m["step"]]) / abs(reference[m["step"]]) for m in resumed]
 
 
 def metrics(run_dir: Path) -> list:

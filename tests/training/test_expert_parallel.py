@@ -46,7 +46,7 @@ def test_expert_parallel_sigkill_then_resume_is_exact(corpus, tmp_path):
     """The per-rank ZeRO partitions of the expert groups save and load: after a SIGKILL the resumed losses are
     the uninterrupted run's, bit for bit."""
     nproc, overrides = LAYOUTS["dp2-ep2-zero1"]
-    steps, settings = 40, {"checkpoint": {"interval": 3, "keep": 3}}
+    steps, settings = 12, {"checkpoint": {"interval": 3, "keep": 3}}
     uninterrupted = run_training(moe_config(corpus, tmp_path, "reference", steps, **settings), nproc, overrides)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     config = moe_config(corpus, tmp_path, "run", steps, **settings)

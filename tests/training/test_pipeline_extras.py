@@ -19,11 +19,16 @@ steps). The resume: within 3e-3 relative of the PP=2 run at every resumed step, 
 (measured: equal).
 """
 
-import shutil
-
 import pytest
 
-from training.conftest import assert_same_trajectory, metrics, run_training, write_config
+from training.conftest import (
+    assert_same_trajectory,
+    metrics,
+    resumed_loss_gaps,
+    run_training,
+    seed_with_checkpoint,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -101,18 +106,16 @@ def test_tied_pipeline_checkpoint_resumes_on_one_process(tied_runs, corpus, tmp_
     into the one matrix, and the run continues the PP=2 run's losses."""
     root, _ = tied_runs
     written_by = root / "pp2-zero1"
-    saved = written_by / "checkpoints" / f"step_{SAVED_AT:07d}"
-    target = tmp_path / "run" / "checkpoints"
-    target.mkdir(parents=True)
-    shutil.copytree(saved, target / saved.name)
-    (target / "latest").write_text(saved.name + "\n")
-    proc = run_training(write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", **TIED))
+    _assert_resumes_on_one_process(written_by, SAVED_AT, STEPS, TIED, corpus, tmp_path / "run")
+
+
+def _assert_resumes_on_one_process(written_by, step: int, steps: int, settings: dict, corpus, run_dir) -> None:
+    """``written_by``'s checkpoint of ``step`` resumed by one process continues its losses (RESUME_TOLERANCE)."""
+    seed_with_checkpoint(written_by / "checkpoints" / f"step_{step:07d}", run_dir)
+    proc = run_training(write_config(run_dir.parent / f"{run_dir.name}.yaml", corpus, run_dir, **settings))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "resharded" in proc.stdout
-    reference = {m["step"]: m["loss"] for m in metrics(written_by)}
-    resumed = metrics(tmp_path / "run")
-    assert [m["step"] for m in resumed] == list(range(SAVED_AT + 1, STEPS + 1))
-    gaps = [abs(m["loss"] - reference[m["step"]]) / abs(reference[m["step"]]) for m in resumed]
+    gaps = resumed_loss_gaps(written_by, run_dir, step + 1, steps)
     assert max(gaps) <= RESUME_TOLERANCE, gaps
 
 
@@ -132,16 +135,4 @@ def test_interleaved_pipeline_equals_single_process_and_resumes_on_one(corpus, t
     steps = VPP["train"]["steps"]
     assert_same_trajectory(tmp_path / "single", tmp_path / "pp2-vpp2", steps)
     # Its step-4 checkpoint (keys of the whole model: nothing says it was chunked) continues on one process.
-    saved = tmp_path / "pp2-vpp2" / "checkpoints" / "step_0000004"
-    target = tmp_path / "resumed" / "checkpoints"
-    target.mkdir(parents=True)
-    shutil.copytree(saved, target / saved.name)
-    (target / "latest").write_text(saved.name + "\n")
-    proc = run_training(write_config(tmp_path / "resumed.yaml", corpus, tmp_path / "resumed", **VPP))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "resharded" in proc.stdout
-    reference = {m["step"]: m["loss"] for m in metrics(tmp_path / "pp2-vpp2")}
-    resumed = metrics(tmp_path / "resumed")
-    assert [m["step"] for m in resumed] == list(range(5, steps + 1))
-    gaps = [abs(m["loss"] - reference[m["step"]]) / abs(reference[m["step"]]) for m in resumed]
-    assert max(gaps) <= RESUME_TOLERANCE, gaps
+    _assert_resumes_on_one_process(tmp_path / "pp2-vpp2", 4, steps, VPP, corpus, tmp_path / "resumed")

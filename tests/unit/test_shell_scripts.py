@@ -147,17 +147,50 @@ def test_launcher_runs_one_torchrun_per_node_with_a_static_rendezvous(tmp_path):
         "--set log.interval=1"
     )
     assert lines[1] == "python " + trainer.replace(" --config", " --check --config", 1)  # validated once, first
-    srun = lines[2]
+    # the newest checkpoint's step at the start (a failed run must pass it to be requeued)
+    assert lines[2] == "python - " + trainer.split(" ", 1)[1]
+    srun = lines[3]
     assert srun.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1")
-    for node, line in enumerate(lines[3:5]):
+    for node, line in enumerate(lines[4:6]):
         assert line.startswith(
             f"python -m torch.distributed.run --node-rank={node} --nnodes=2 --nproc-per-node=8 "
             "--rdzv-backend=static --master-addr=gpu17 --master-port=24242 --max-restarts=0 "
             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=240 "
         ), line
         assert line.endswith(trainer), line
-    assert len(lines) == 5
+    assert len(lines) == 6
     assert "training finished" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "steps_before,steps_after,requeued",
+    [("-1 20", "5 20", True), ("5 20", "10 20", True), ("5 20", "5 20", False), ("-1 20", "-1 20", False)],
+)
+def test_a_failed_step_requeues_only_after_checkpointing_progress(tmp_path, steps_before, steps_after, requeued):
+    """A node lost mid-run (srun fails): requeued when the newest checkpoint moved past the one the run started
+    from; a failure without progress (it would only repeat) ends the job with the step's exit code."""
+    record, probes = tmp_path / "record", tmp_path / "probes"
+    probes.write_text("")
+    tools = {
+        "scontrol": 'printf "n1\\nn2\\n"\n[[ "$1" == requeue ]] && echo "scontrol $*" >> "$RECORD"\nexit 0\n',
+        "srun": "exit 1\n",
+        # the --check run, then the two progress probes (before the step, after its failure)
+        "python": (
+            f'[[ "$1" == - ]] || exit 0\nn=$(wc -l < {probes}); echo >> {probes}\n'
+            f'if ((n == 0)); then echo "{steps_before}"; else echo "{steps_after}"; fi\n'
+        ),
+    }
+    env = stand_ins(tmp_path, tools, SLURM_JOB_ID="77", SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_NUM_NODES="2")
+    proc = subprocess.run(
+        ["bash", str(SLURM / "pretrain_7b.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    requeues = record.read_text().splitlines() if record.exists() else []
+    if requeued:
+        assert proc.returncode == 0 and requeues == ["scontrol requeue 77"], proc.stdout + proc.stderr
+        assert f"after checkpointing step {steps_after.split()[0]} of 20" in proc.stdout
+    else:
+        assert proc.returncode == 1 and requeues == [], proc.stdout + proc.stderr
+        assert "not requeueing: no checkpoint newer than step" in proc.stdout
 
 
 def test_launcher_stops_on_a_config_error_before_starting_any_worker(tmp_path):

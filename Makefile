@@ -23,7 +23,7 @@ $(STAMP): setup.py requirements.txt requirements-eval.txt
 
 # Lint first: a style or import error fails in seconds, not after the suite.
 test: lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25  # the slowest 25: where the time budget goes
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
